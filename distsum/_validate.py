@@ -39,9 +39,7 @@ def check_step(step: object, tag: str) -> int:
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         index = getattr(step, "__index__", None)
         if index is None or isinstance(step, (bool, np.bool_)):
-            raise TypeError(
-                f"step for tag {tag!r} must be an integer, got {type(step).__name__} {step!r}"
-            )
+            raise TypeError(f"step for tag {tag!r} must be an integer, got {type(step).__name__} {step!r}")
         step = index()
     value = int(step)  # type: ignore[call-overload]
     if not 0 <= value <= MAX_STEP:
@@ -66,9 +64,7 @@ def as_scalar(value: object, tag: str) -> float:
                 f"scalar value for tag {tag!r} must hold exactly one element, got shape {value.shape}"
             )
         if value.dtype.kind not in "iuf":
-            raise TypeError(
-                f"scalar value for tag {tag!r} must be a real number, got dtype {value.dtype}"
-            )
+            raise TypeError(f"scalar value for tag {tag!r} must be a real number, got dtype {value.dtype}")
         return float(value.reshape(()))
     item = getattr(value, "item", None)
     if callable(item):
@@ -76,9 +72,7 @@ def as_scalar(value: object, tag: str) -> float:
         numel = getattr(value, "numel", None)
         if callable(numel) and numel() != 1:
             shape = tuple(getattr(value, "shape", ()))
-            raise ValueError(
-                f"scalar value for tag {tag!r} must hold exactly one element, got shape {shape}"
-            )
+            raise ValueError(f"scalar value for tag {tag!r} must hold exactly one element, got shape {shape}")
         return as_scalar(item(), tag)
     if hasattr(value, "__float__"):
         try:
