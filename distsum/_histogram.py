@@ -1,0 +1,482 @@
+"""Histograms on TF1's fixed bucket grid, so histograms from many ranks merge exactly.
+
+A ``Histogram`` keeps one count per bucket of TensorFlow's default grid (``BUCKET_LIMITS``, 1551
+buckets, limits growing by 10% from 1e-12 to about 1e20 on each side of zero), never a grid of its
+own. Two histograms therefore merge by adding counts, and the merged histogram is exactly the one
+the combined values would have given. Bucket ``i`` holds the values ``v`` with
+``BUCKET_LIMITS[i-1] <= v < BUCKET_LIMITS[i]`` (TF's ``upper_bound``); bucket 0 holds only values
+below ``-DBL_MAX``, so it is always empty, and ``DBL_MAX`` itself, which TF would place one past
+the end, goes to the last bucket.
+
+Non-finite values: TF's summary op rejects a histogram with a NaN or an infinity, which would
+stop a training job because one gradient overflowed. Here NaN, +inf and -inf are left out of the
+buckets and out of ``min``/``max``/``sum``/``sum_squares`` and only counted, in ``nan``,
+``posinf`` and ``neginf``; ``num`` counts the finite values. ``sum`` and ``sum_squares`` are float64
+sums, like TF's, and like TF's they can overflow for finite values: ``sum_squares`` to +inf once a
+value passes about 1.3e154, ``sum`` to ±inf or NaN near ``DBL_MAX``.
+
+An empty histogram (no finite value) has ``min = +inf`` and ``max = -inf`` in memory, the identity
+of min/max, so merging needs no special case. On disk it becomes ``min = max = 0.0`` (TF writes
+``DBL_MAX``/``-DBL_MAX``, which TensorBoard's Rust loader turns into one huge backwards bucket).
+
+Disk forms: ``to_tensor_proto`` gives the TF2 ``[k, 3]`` float64 tensor that both TensorBoard
+loaders serve identically; ``to_histogram_proto`` gives TF1's legacy ``HistogramProto``.
+``to_sparse``/``from_parts`` are the compact form for the wire, with ``from_parts`` checking
+everything, because the aggregator feeds it what ranks sent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from distsum._proto import histogram_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+__all__ = ["BUCKET_LIMITS", "NUM_BUCKETS", "Histogram"]
+
+_DBL_MAX = float(np.finfo(np.float64).max)
+_INT64_MAX = 2**63 - 1
+
+
+def _default_bucket_limits() -> np.ndarray:
+    # The same double multiplications as TF's InitDefaultBucketsInner: 1e-12 * 1.1**k rounds
+    # differently for some k, and a limit one ulp off would put a value in the wrong bucket.
+    positives = []
+    limit = 1e-12
+    while limit < 1e20:
+        positives.append(limit)
+        limit *= 1.1
+    pos = np.array(positives, dtype=np.float64)
+    limits = np.concatenate([[-_DBL_MAX], -pos[::-1], [0.0], pos, [_DBL_MAX]])
+    limits.setflags(write=False)
+    return limits
+
+
+BUCKET_LIMITS: np.ndarray = _default_bucket_limits()
+NUM_BUCKETS: int = len(BUCKET_LIMITS)  # 1551
+
+# Each bucketing step works on this many values, so that its temporaries stay in the CPU cache.
+_CHUNK = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _LookupTable:
+    """Bucket lookup for one float type, keyed by the top 16 bits of a value's IEEE bits.
+
+    The 16 bits are the sign, the exponent and the leading mantissa bits (7 for float32, 4 for
+    float64), so the values sharing a key span a relative width of at most 1/16, less than the
+    10% between neighbouring limits: at most one limit falls inside such a cell. ``candidate``
+    is the bucket of the cell's lowest value and ``threshold`` the limit above it; a value
+    ``>= threshold`` belongs to the next bucket. Comparing in the input's own precision is exact
+    because float32 thresholds are rounded up: a float32 ``v >= limit`` iff ``v >=`` the
+    smallest float32 not below ``limit``.
+    """
+
+    float_type: type[np.floating[Any]]
+    bits_type: type[np.unsignedinteger[Any]]
+    shift: int
+    candidate: np.ndarray  # uint16 per key
+    threshold: np.ndarray  # float_type per key
+
+    @classmethod
+    def build(
+        cls, float_type: type[np.floating[Any]], bits_type: type[np.unsignedinteger[Any]]
+    ) -> _LookupTable:
+        shift = np.dtype(bits_type).itemsize * 8 - 16
+        keys = np.arange(1 << 16, dtype=bits_type)
+        first = keys << bits_type(shift)
+        last = first | bits_type((1 << shift) - 1)
+        # A negative value's magnitude grows with its bits, so the lowest value of a negative
+        # cell is the one with the largest bits.
+        lowest = np.where(keys >= 0x8000, last, first).view(float_type)
+        finite = np.isfinite(lowest)
+        candidate = np.zeros(keys.size, dtype=np.intp)
+        # Every cell's lowest value is below DBL_MAX, so this is at most the last bucket.
+        candidate[finite] = np.searchsorted(BUCKET_LIMITS, lowest[finite].astype(np.float64), side="right")
+        # The last bucket's limit, DBL_MAX, gets threshold +inf: DBL_MAX stays in the last bucket
+        # instead of going one past the end as in TF.
+        limit = np.full(keys.size, np.inf)
+        inner = finite & (candidate < NUM_BUCKETS - 1)
+        limit[inner] = BUCKET_LIMITS[candidate[inner]]
+        threshold = limit.astype(float_type)
+        rounded_down = threshold.astype(np.float64) < limit
+        threshold[rounded_down] = np.nextafter(threshold[rounded_down], float_type(np.inf))
+        # NaN and infinity cells get candidate 0 and threshold +inf; the caller has removed
+        # non-finite values before it looks anything up.
+        candidate16 = candidate.astype(np.uint16)
+        for array in (candidate16, threshold):
+            array.setflags(write=False)
+        return cls(float_type, bits_type, shift, candidate16, threshold)
+
+    def bucket_indices(
+        self, x: np.ndarray, key: np.ndarray, threshold: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
+        """Write the bucket of each finite value of ``x`` (1-D, contiguous) into ``out`` (uint16).
+
+        ``key`` (bits_type), ``threshold`` (float_type) and ``out`` are scratch buffers of
+        ``x``'s length, reused across chunks so that the hot loop allocates no arrays of its own.
+        """
+        np.right_shift(x.view(self.bits_type), self.shift, out=key)
+        # mode="clip" skips the bounds check that "raise" would buffer for; every key is in range.
+        np.take(self.candidate, key, out=out, mode="clip")
+        np.take(self.threshold, key, out=threshold, mode="clip")
+        # The keys are spent once both lookups are done; their bytes take the comparison.
+        above = np.greater_equal(x, threshold, out=key.view(np.bool_)[: x.size])
+        np.add(out, above, out=out)
+        return out
+
+
+_TABLES = {
+    np.dtype(np.float32): _LookupTable.build(np.float32, np.uint32),
+    np.dtype(np.float64): _LookupTable.build(np.float64, np.uint64),
+}
+
+
+def _as_float_vector(values: np.ndarray, tag: str) -> np.ndarray:
+    """``values`` flattened to a contiguous native float32 or float64 array, without loss."""
+    array = np.asarray(values)
+    kind = array.dtype.kind
+    if kind not in "iuf":
+        what = "bool" if kind == "b" else str(array.dtype)
+        raise TypeError(f"histogram values for tag {tag!r} must be real numbers, got dtype {what}")
+    # float16 and small integers are exact in float32, which buckets faster; everything else
+    # goes through float64, the type TF's histogram works in.
+    exact_in_float32 = array.dtype.itemsize <= 2 or (kind == "f" and array.dtype.itemsize == 4)
+    target = np.float32 if exact_in_float32 else np.float64
+    with np.errstate(over="ignore"):
+        # A long double beyond float64's range becomes an infinity, as it would in TF.
+        return np.ascontiguousarray(array.reshape(-1), dtype=target)
+
+
+def _bucket_counts_and_sums(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Bucket counts, sum and sum of squares of ``x``: finite, 1-D, contiguous float32/float64."""
+    table = _TABLES[x.dtype]
+    counts = np.zeros(NUM_BUCKETS, dtype=np.int64)
+    total = 0.0
+    total_squares = 0.0
+    size = min(x.size, _CHUNK)
+    key = np.empty(size, dtype=table.bits_type)
+    threshold = np.empty(size, dtype=table.float_type)
+    indices = np.empty(size, dtype=np.uint16)
+    # float32 values are summed in float64, like TF does after widening them.
+    wide = x if x.dtype == np.float64 else np.empty(size, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, x.size, _CHUNK):
+            chunk = x[start : start + _CHUNK]
+            n = chunk.size
+            if n != size:
+                key, threshold, indices = key[:n], threshold[:n], indices[:n]
+                if wide is not x:
+                    wide = wide[:n]
+            table.bucket_indices(chunk, key, threshold, indices)
+            counts += np.bincount(indices, minlength=NUM_BUCKETS)
+            if wide is x:
+                part = chunk
+            else:
+                np.copyto(wide, chunk)
+                part = wide
+            total += float(part.sum())
+            total_squares += float(np.dot(part, part))
+    return counts, total, total_squares
+
+
+def _bucket_indices(values: np.ndarray) -> np.ndarray:
+    """The bucket of each finite value (for tests: the per-value result behind ``from_values``)."""
+    x = _as_float_vector(values, "<test>")
+    out = np.empty(x.size, dtype=np.uint16)
+    table = _TABLES[x.dtype]
+    return table.bucket_indices(
+        x, np.empty(x.size, dtype=table.bits_type), np.empty(x.size, dtype=table.float_type), out
+    )
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    result = int(value)
+    if not 0 <= result <= _INT64_MAX:
+        raise ValueError(f"{name} must be in [0, 2**63), got {result}")
+    return result
+
+
+def _real(value: object, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _integer_vector(value: object, name: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    # An empty list arrives as float64; only a non-empty array has a dtype worth checking.
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array
+
+
+def _same_float(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Histogram:
+    """Counts on TF1's 1551-bucket grid plus exact statistics of the finite values.
+
+    Build one with ``from_values``, ``from_parts`` (checked) or ``empty``; the constructor trusts
+    its arguments. ``counts`` is read-only. Equality compares every field, with NaN sums equal.
+    """
+
+    counts: np.ndarray
+    """int64, one count per bucket of ``BUCKET_LIMITS``."""
+    min: float
+    """Smallest finite value; +inf when there is none."""
+    max: float
+    """Largest finite value; -inf when there is none."""
+    num: int
+    """Number of finite values, ``counts.sum()``."""
+    sum: float
+    """float64 sum of the finite values."""
+    sum_squares: float
+    """float64 sum of their squares."""
+    nan: int = 0
+    posinf: int = 0
+    neginf: int = 0
+
+    def __post_init__(self) -> None:
+        counts = np.asarray(self.counts, dtype=np.int64)
+        if counts.shape != (NUM_BUCKETS,):
+            raise ValueError(f"counts must have shape ({NUM_BUCKETS},), got {counts.shape}")
+        # A read-only view: a Histogram may be shared between threads and merged from later.
+        counts = counts.view()
+        counts.setflags(write=False)
+        object.__setattr__(self, "counts", counts)
+
+    @classmethod
+    def empty(cls) -> Histogram:
+        """A histogram of no values."""
+        return cls(np.zeros(NUM_BUCKETS, dtype=np.int64), math.inf, -math.inf, 0, 0.0, 0.0)
+
+    @classmethod
+    def from_values(cls, values: np.ndarray, *, tag: str) -> Histogram:
+        """The histogram of every element of ``values``, a real-valued array of any shape.
+
+        Integers are bucketed as their float64 value, as TF does. NaN and infinities are only
+        counted. Raises TypeError naming ``tag`` for bool, complex, string or object arrays.
+        """
+        x = _as_float_vector(values, tag)
+        if x.size == 0:
+            return cls.empty()
+        nan = posinf = neginf = 0
+        # min/max propagate NaN and reach the infinities, so two cheap reductions tell whether
+        # the common all-finite case can skip the masking below.
+        low, high = x.min(), x.max()
+        if not (np.isfinite(low) and np.isfinite(high)):
+            finite = np.isfinite(x)
+            posinf = int(np.count_nonzero(x == np.inf))
+            neginf = int(np.count_nonzero(x == -np.inf))
+            nan = x.size - int(np.count_nonzero(finite)) - posinf - neginf
+            x = x[finite]
+            if x.size == 0:
+                zeros = np.zeros(NUM_BUCKETS, dtype=np.int64)
+                return cls(zeros, math.inf, -math.inf, 0, 0.0, 0.0, nan, posinf, neginf)
+            low, high = x.min(), x.max()
+        counts, total, total_squares = _bucket_counts_and_sums(x)
+        return cls(counts, float(low), float(high), x.size, total, total_squares, nan, posinf, neginf)
+
+    @classmethod
+    def from_parts(
+        cls,
+        indices: Any,
+        counts: Any,
+        *,
+        min: float,
+        max: float,
+        sum: float,
+        sum_squares: float,
+        nan: int,
+        posinf: int,
+        neginf: int,
+        num: int | None = None,
+    ) -> Histogram:
+        """Rebuild a histogram from its sparse form (``to_sparse``) and statistics, checking all.
+
+        ``indices`` must be strictly increasing bucket indices and ``counts`` positive; ``min``
+        and ``max`` must fall in the first and last of those buckets (or be +inf/-inf with no
+        buckets); ``num``, if given, must equal the total count. Raises ValueError otherwise.
+        """
+        index_array = _integer_vector(indices, "indices")
+        count_array = _integer_vector(counts, "counts")
+        if index_array.size != count_array.size:
+            raise ValueError(f"{index_array.size} indices but {count_array.size} counts")
+        if index_array.size and (index_array.min() < 0 or index_array.max() >= NUM_BUCKETS):
+            raise ValueError(
+                f"bucket indices must be in [0, {NUM_BUCKETS}), got {index_array.min()}..{index_array.max()}"
+            )
+        if count_array.size and (count_array.min() <= 0 or count_array.max() > _INT64_MAX):
+            raise ValueError(f"counts must be in [1, 2**63), got {count_array.min()}..{count_array.max()}")
+        index_array = index_array.astype(np.intp)
+        if np.any(np.diff(index_array) <= 0):
+            raise ValueError("bucket indices must be strictly increasing")
+        # Python ints: the total of untrusted int64 counts could overflow numpy's sum.
+        total = builtins.sum(count_array.tolist())
+        if total > _INT64_MAX:
+            raise ValueError(f"total count {total} does not fit in int64")
+        if num is not None and _count(num, "num") != total:
+            raise ValueError(f"num is {num} but the counts add up to {total}")
+        low, high = _real(min, "min"), _real(max, "max")
+        total_sum, squares = _real(sum, "sum"), _real(sum_squares, "sum_squares")
+        non_finite = [_count(nan, "nan"), _count(posinf, "posinf"), _count(neginf, "neginf")]
+        if not squares >= 0:
+            raise ValueError(f"sum_squares must be >= 0, got {squares}")
+        if total == 0:
+            if not (low == math.inf and high == -math.inf and total_sum == 0 and squares == 0):
+                raise ValueError(
+                    "a histogram without finite values must have min=inf, max=-inf, sum=0 and "
+                    f"sum_squares=0, got {low}, {high}, {total_sum}, {squares}"
+                )
+        else:
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise ValueError(f"min and max must be finite with min <= max, got {low}, {high}")
+            first, last = int(index_array[0]), int(index_array[-1])
+            if _bucket_of(low) != first or _bucket_of(high) != last:
+                raise ValueError(
+                    f"min {low} and max {high} must lie in the first and last non-empty buckets "
+                    f"({first} and {last})"
+                )
+            if total == 1 and low != high:
+                raise ValueError(f"a single value must have min == max, got {low}, {high}")
+        full = np.zeros(NUM_BUCKETS, dtype=np.int64)
+        full[index_array] = count_array
+        return cls(full, low, high, total, total_sum, squares, *non_finite)
+
+    def to_sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        """The indices (uint16) of the non-empty buckets and their counts (int64)."""
+        indices = np.flatnonzero(self.counts)
+        return indices.astype(np.uint16), self.counts[indices]
+
+    def merge(self, other: Histogram) -> Histogram:
+        """The histogram of both histograms' values together; exact up to the float sums."""
+        if not isinstance(other, Histogram):
+            raise TypeError(f"can only merge a Histogram, got {type(other).__name__}")
+        return Histogram(
+            self.counts + other.counts,
+            self.min if self.min <= other.min else other.min,
+            self.max if self.max >= other.max else other.max,
+            self.num + other.num,
+            self.sum + other.sum,
+            self.sum_squares + other.sum_squares,
+            self.nan + other.nan,
+            self.posinf + other.posinf,
+            self.neginf + other.neginf,
+        )
+
+    @classmethod
+    def merge_all(cls, histograms: Iterable[Histogram]) -> Histogram:
+        """The merge of any number of histograms (``empty()`` for none), added in order."""
+        counts = np.zeros(NUM_BUCKETS, dtype=np.int64)
+        low, high, num, total, squares = math.inf, -math.inf, 0, 0.0, 0.0
+        nan = posinf = neginf = 0
+        for histogram in histograms:
+            if not isinstance(histogram, Histogram):
+                raise TypeError(f"can only merge Histograms, got {type(histogram).__name__}")
+            counts += histogram.counts
+            low = low if low <= histogram.min else histogram.min
+            high = high if high >= histogram.max else histogram.max
+            num += histogram.num
+            total += histogram.sum
+            squares += histogram.sum_squares
+            nan += histogram.nan
+            posinf += histogram.posinf
+            neginf += histogram.neginf
+        return cls(counts, low, high, num, total, squares, nan, posinf, neginf)
+
+    def _collapsed(self) -> np.ndarray:
+        """Indices of the buckets TF's ``EncodeToProto(preserve_zero_buckets=false)`` writes.
+
+        Every non-empty bucket, and of each run of empty buckets its last one, which stands for
+        the whole run. The last bucket is always written, so an empty histogram gives (DBL_MAX, 0).
+        """
+        nonempty = self.counts > 0
+        written = nonempty.copy()
+        written[:-1] |= nonempty[1:]
+        written[-1] = True
+        return np.flatnonzero(written)
+
+    def rows(self) -> np.ndarray:
+        """The ``[k, 3]`` float64 rows ``[left, right, count]`` that ``to_tensor_proto`` writes.
+
+        TensorBoard's own legacy-to-TF2 conversion of ``to_histogram_proto()``, in float64: the
+        collapsed buckets from the first to the last non-empty one, with ``min`` and ``max`` as
+        the outer edges so no bucket reaches out to ±DBL_MAX.
+        """
+        if self.num == 0:
+            return np.zeros((0, 3), dtype=np.float64)
+        written = self._collapsed()
+        nonempty = np.flatnonzero(self.counts)
+        kept = written[(written >= nonempty[0]) & (written <= nonempty[-1])]
+        rows = np.empty((kept.size, 3), dtype=np.float64)
+        rows[:, 1] = BUCKET_LIMITS[kept]
+        rows[1:, 0] = rows[:-1, 1]
+        rows[0, 0] = self.min
+        rows[-1, 1] = self.max
+        rows[:, 2] = self.counts[kept]
+        return rows
+
+    def to_tensor_proto(self) -> tensor_pb2.TensorProto:
+        """The TF2 histogram tensor: DT_DOUBLE, shape ``[k, 3]``, rows from ``rows()``."""
+        rows = self.rows()
+        shape = tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in rows.shape]
+        )
+        return tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_DOUBLE,
+            tensor_shape=shape,
+            tensor_content=rows.astype("<f8", copy=False).tobytes(order="C"),
+        )
+
+    def to_histogram_proto(self) -> histogram_pb2.HistogramProto:
+        """TF1's legacy ``HistogramProto``, runs of empty buckets collapsed as TF collapses them.
+
+        Without finite values, ``min`` and ``max`` are written as 0.0 rather than TF's
+        ``DBL_MAX``/``-DBL_MAX``.
+        """
+        written = self._collapsed()
+        empty = self.num == 0
+        return histogram_pb2.HistogramProto(
+            min=0.0 if empty else self.min,
+            max=0.0 if empty else self.max,
+            num=float(self.num),
+            sum=self.sum,
+            sum_squares=self.sum_squares,
+            bucket_limit=BUCKET_LIMITS[written].tolist(),
+            bucket=self.counts[written].astype(np.float64).tolist(),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Histogram):
+            return NotImplemented
+        return (
+            np.array_equal(self.counts, other.counts)
+            and (self.min, self.max, self.num) == (other.min, other.max, other.num)
+            and (self.nan, self.posinf, self.neginf) == (other.nan, other.posinf, other.neginf)
+            and _same_float(self.sum, other.sum)
+            and _same_float(self.sum_squares, other.sum_squares)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Histogram(num={self.num}, min={self.min!r}, max={self.max!r}, sum={self.sum!r}, "
+            f"sum_squares={self.sum_squares!r}, nonempty_buckets={np.count_nonzero(self.counts)}, "
+            f"nan={self.nan}, posinf={self.posinf}, neginf={self.neginf})"
+        )
+
+
+def _bucket_of(value: float) -> int:
+    return min(int(np.searchsorted(BUCKET_LIMITS, value, side="right")), NUM_BUCKETS - 1)

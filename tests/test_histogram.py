@@ -1,0 +1,488 @@
+"""Histograms on TF1's bucket grid: the grid, exact bucketing, merging, and what TensorBoard shows."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tensorboard import data_compat
+from tensorboard.compat.proto import summary_pb2 as tb_summary_pb2
+from tensorboard.compat.proto import tensor_pb2 as tb_tensor_pb2
+from tensorboard.util import tensor_util
+
+from distsum._histogram import _TABLES, BUCKET_LIMITS, NUM_BUCKETS, Histogram, _bucket_indices
+from distsum._proto import types_pb2
+
+DBL_MAX = float(np.finfo(np.float64).max)
+
+
+def reference_buckets(values: np.ndarray) -> np.ndarray:
+    """TF's ``upper_bound`` on the float64 values, finite ones only; DBL_MAX stays in the last bucket."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = x[np.isfinite(x)]
+    return np.minimum(np.searchsorted(BUCKET_LIMITS, x, side="right"), NUM_BUCKETS - 1)
+
+
+def reference_counts(values: np.ndarray) -> np.ndarray:
+    return np.bincount(reference_buckets(values), minlength=NUM_BUCKETS)
+
+
+def finite64(values: np.ndarray) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64).ravel()
+    return x[np.isfinite(x)]
+
+
+def edge_values(dtype: type[np.floating]) -> np.ndarray:
+    """Values of ``dtype`` where bucketing can go wrong: on and next to every limit, and the extremes."""
+    info = np.finfo(dtype)
+    with np.errstate(over="ignore"):
+        on = BUCKET_LIMITS.astype(dtype)
+        values = np.concatenate(
+            [
+                on,
+                np.nextafter(on, dtype(np.inf)),
+                np.nextafter(on, dtype(-np.inf)),
+                np.array([0.0, -0.0, info.smallest_subnormal, info.tiny, info.max, info.eps], dtype=dtype),
+            ]
+        )
+    values = np.concatenate([values, -values])
+    return values[np.isfinite(values)]
+
+
+def float_arrays(dtype: type[np.floating], *, max_abs: float | None = None) -> st.SearchStrategy:
+    """Arrays of any shape mixing arbitrary floats (NaN and infinities too) with edge values."""
+    width: Literal[32, 64] = 32 if dtype is np.float32 else 64
+    edges = edge_values(dtype)
+    if max_abs is None:
+        floats = st.floats(width=width)
+    else:
+        edges = edges[np.abs(edges) <= max_abs]
+        floats = st.floats(-max_abs, max_abs, width=width) | st.sampled_from([math.nan, math.inf, -math.inf])
+    elements = floats | st.sampled_from(edges.tolist())
+    shapes = hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=30)
+    return hnp.arrays(dtype, shapes, elements=elements)
+
+
+any_float_array = float_arrays(np.float32) | float_arrays(np.float64)
+
+
+def tensorboard_rows(histogram: Histogram) -> np.ndarray:
+    """The ``[k, 3]`` rows TensorBoard's Python loader makes of ``to_histogram_proto()``."""
+    legacy = tb_summary_pb2.HistogramProto.FromString(histogram.to_histogram_proto().SerializeToString())
+    value = tb_summary_pb2.Summary.Value(tag="h", histo=legacy)
+    return tensor_util.make_ndarray(data_compat.migrate_value(value).tensor)
+
+
+def tensor_rows(histogram: Histogram) -> np.ndarray:
+    """Our ``to_tensor_proto()`` decoded by TensorBoard's own ``make_ndarray``."""
+    proto = tb_tensor_pb2.TensorProto.FromString(histogram.to_tensor_proto().SerializeToString())
+    return tensor_util.make_ndarray(proto)
+
+
+def encode_to_proto(counts: np.ndarray) -> tuple[list[float], list[float]]:
+    """A line-by-line port of TF's ``Histogram::EncodeToProto(preserve_zero_buckets=false)``."""
+    limits, buckets = [], []
+    i = 0
+    while i < len(counts):
+        end, count = BUCKET_LIMITS[i], counts[i]
+        i += 1
+        if count <= 0:
+            while i < len(counts) and counts[i] <= 0:
+                end, count = BUCKET_LIMITS[i], counts[i]
+                i += 1
+        limits.append(float(end))
+        buckets.append(float(count))
+    return limits, buckets
+
+
+# --- The grid ----------------------------------------------------------------------------------
+
+
+def test_grid_shape():
+    limits = BUCKET_LIMITS
+    assert limits.dtype == np.float64
+    assert len(limits) == NUM_BUCKETS == 1551
+    positive = limits[(limits > 0) & (limits < DBL_MAX)]
+    assert len(positive) == 774
+    assert positive[0] == 1e-12
+    assert positive[-1] < 1e20 <= positive[-1] * 1.1
+    assert limits[0] == -DBL_MAX and limits[-1] == DBL_MAX and limits[775] == 0.0
+    np.testing.assert_array_equal(limits, -limits[::-1])
+    assert np.all(np.diff(limits) > 0)
+    assert not limits.flags.writeable
+
+
+def test_grid_is_repeated_multiplication():
+    expected, limit = [], 1e-12
+    while limit < 1e20:
+        expected.append(limit)
+        limit *= 1.1
+    np.testing.assert_array_equal(BUCKET_LIMITS[776:-1], expected)
+    # The closed form rounds differently for most limits, so it would not be TF's grid.
+    closed_form = 1e-12 * 1.1 ** np.arange(774)
+    assert np.count_nonzero(closed_form != BUCKET_LIMITS[776:-1]) > 100
+
+
+# --- Bucket placement ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_lookup_cell_and_every_limit(dtype):
+    """Exhaustive over the lookup table: both ends of every cell, and both sides of every limit."""
+    table = _TABLES[np.dtype(dtype)]
+    keys = np.arange(1 << 16, dtype=table.bits_type)
+    first = keys << table.bits_type(table.shift)
+    last = first | table.bits_type((1 << table.shift) - 1)
+    ends = np.stack([first.view(dtype), last.view(dtype)])
+    ends = ends[:, np.isfinite(ends).all(axis=0)]
+    # The table's premise: no cell spans more than one limit.
+    assert np.abs(np.diff(reference_buckets(ends).reshape(2, -1).astype(int), axis=0)).max() == 1
+    values = np.concatenate([ends.ravel(), edge_values(dtype)])
+    np.testing.assert_array_equal(_bucket_indices(values), reference_buckets(values))
+
+
+@settings(deadline=None)
+@given(any_float_array)
+def test_bucket_placement_matches_reference(values):
+    finite = values.ravel()[np.isfinite(values.ravel())]
+    np.testing.assert_array_equal(_bucket_indices(finite), reference_buckets(finite))
+    np.testing.assert_array_equal(Histogram.from_values(values, tag="t").counts, reference_counts(values))
+
+
+def test_known_placements():
+    def bucket(value):
+        return int(np.flatnonzero(Histogram.from_values(np.array([value]), tag="t").counts)[0])
+
+    zero = 775
+    assert bucket(0.0) == bucket(-0.0) == zero + 1  # [0, 1e-12)
+    assert bucket(1e-12) == zero + 2  # a value on a limit goes to the bucket above it
+    assert bucket(np.nextafter(1e-12, 0)) == zero + 1
+    assert bucket(-1e-12) == zero  # [-1e-12, 0)
+    assert bucket(5e-324) == zero + 1 and bucket(-5e-324) == zero
+    assert bucket(-DBL_MAX) == 1  # bucket 0 holds only values below -DBL_MAX: none
+    assert bucket(DBL_MAX) == bucket(1e300) == NUM_BUCKETS - 1  # TF would index past the end
+    assert bucket(np.float32(np.finfo(np.float32).max)) == NUM_BUCKETS - 1
+
+
+def test_large_input_spanning_several_chunks():
+    rng = np.random.default_rng(7)
+    size = 3 * 65536 + 11
+    parts = [
+        rng.standard_normal(size).astype(np.float32),
+        (rng.standard_normal(size) * 10.0 ** rng.uniform(-15, 22, size)),
+    ]
+    for values in parts:
+        histogram = Histogram.from_values(values, tag="t")
+        wide = values.astype(np.float64)
+        np.testing.assert_array_equal(histogram.counts, reference_counts(values))
+        assert (histogram.min, histogram.max, histogram.num) == (wide.min(), wide.max(), size)
+        assert histogram.sum == pytest.approx(math.fsum(wide), rel=1e-12, abs=1e-12 * np.abs(wide).sum())
+        assert histogram.sum_squares == pytest.approx(math.fsum(wide * wide), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(-300, 300, dtype=np.int16),
+        np.array([0, 1, 255], dtype=np.uint8),
+        np.array([-(2**63), -1, 0, 2**53 + 1, 2**63 - 1], dtype=np.int64),
+        np.array([0, 2**64 - 1], dtype=np.uint64),
+        np.array([1e-5, -65504, 65504, 6e-8], dtype=np.float16),
+        np.linspace(-3, 3, 50).astype(">f4"),
+        np.linspace(-3, 3, 50).astype(">f8"),
+        np.linspace(-3, 3, 60).reshape(3, 4, 5)[:, ::2, 1:],
+        np.array(2.5),
+    ],
+    ids=["int16", "uint8", "int64", "uint64", "float16", "big-endian-f4", "big-endian-f8", "strided", "0-d"],
+)
+def test_other_dtypes_and_layouts(values):
+    histogram = Histogram.from_values(values, tag="t")
+    np.testing.assert_array_equal(histogram.counts, reference_counts(values))
+    wide = values.astype(np.float64).ravel()
+    assert (histogram.min, histogram.max, histogram.num) == (wide.min(), wide.max(), wide.size)
+
+
+# --- Non-finite values, empty input, rejected types ----------------------------------------------
+
+
+def test_non_finite_values_are_counted_apart():
+    values = np.array([np.nan, np.inf, -np.inf, 1.5, np.nan, -2.0, np.inf], dtype=np.float32)
+    histogram = Histogram.from_values(values, tag="t")
+    assert (histogram.nan, histogram.posinf, histogram.neginf) == (2, 2, 1)
+    assert (histogram.num, histogram.min, histogram.max) == (2, -2.0, 1.5)
+    assert (histogram.sum, histogram.sum_squares) == (-0.5, 6.25)
+    np.testing.assert_array_equal(histogram.counts, reference_counts([1.5, -2.0]))
+    np.testing.assert_array_equal(tensor_rows(histogram)[:, 2].sum(), 2)
+
+
+@pytest.mark.parametrize("values", [np.array([]), np.zeros((3, 0), dtype=np.float32)])
+def test_empty_input(values):
+    histogram = Histogram.from_values(values, tag="t")
+    assert histogram == Histogram.empty()
+    assert (histogram.num, histogram.min, histogram.max) == (0, math.inf, -math.inf)
+    assert tensor_rows(histogram).shape == (0, 3)
+    legacy = histogram.to_histogram_proto()
+    assert (legacy.min, legacy.max, legacy.num) == (0.0, 0.0, 0.0)
+    assert (list(legacy.bucket_limit), list(legacy.bucket)) == ([DBL_MAX], [0.0])
+
+
+def test_only_non_finite_values_write_finite_fields():
+    histogram = Histogram.from_values(np.array([np.nan, -np.inf]), tag="t")
+    assert (histogram.num, histogram.nan, histogram.neginf) == (0, 1, 1)
+    legacy = histogram.to_histogram_proto()
+    assert all(math.isfinite(x) for x in [legacy.min, legacy.max, legacy.sum, legacy.sum_squares])
+    assert histogram.rows().shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([True, False]),
+        np.array([1 + 2j]),
+        np.array([1.0, "x"], dtype=object),
+        np.array(["1.0"]),
+        np.array(["2026-01-01"], dtype="datetime64[D]"),
+    ],
+    ids=["bool", "complex", "object", "str", "datetime"],
+)
+def test_non_real_dtypes_are_rejected_naming_the_tag(values):
+    with pytest.raises(TypeError, match="mytag"):
+        Histogram.from_values(values, tag="mytag")
+
+
+# --- Merging ----------------------------------------------------------------------------------------
+
+
+def assert_merged_equal(merged: Histogram, whole: Histogram, values: np.ndarray) -> None:
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    assert (merged.min, merged.max, merged.num) == (whole.min, whole.max, whole.num)
+    assert (merged.nan, merged.posinf, merged.neginf) == (whole.nan, whole.posinf, whole.neginf)
+    # Only the float sums depend on the order of addition.
+    magnitude = float(np.abs(finite64(values)).sum())
+    assert merged.sum == pytest.approx(whole.sum, rel=1e-12, abs=1e-12 * magnitude)
+    assert merged.sum_squares == pytest.approx(whole.sum_squares, rel=1e-12)
+
+
+# float64 values stay below 1e150, so that no sum of squares overflows.
+same_dtype_pairs = st.tuples(float_arrays(np.float32), float_arrays(np.float32)) | st.tuples(
+    float_arrays(np.float64, max_abs=1e150), float_arrays(np.float64, max_abs=1e150)
+)
+
+
+@settings(deadline=None)
+@given(same_dtype_pairs)
+def test_merge_equals_histogram_of_concatenation(pair):
+    a, b = pair
+    whole = Histogram.from_values(np.concatenate([a.ravel(), b.ravel()]), tag="t")
+    merged = Histogram.from_values(a, tag="t").merge(Histogram.from_values(b, tag="t"))
+    assert_merged_equal(merged, whole, np.concatenate([a.ravel(), b.ravel()]))
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.lists(float_arrays(np.float64, max_abs=1e150), max_size=5))
+def test_merge_all_folds_in_order(arrays):
+    parts = [Histogram.from_values(a, tag="t") for a in arrays]
+    folded = Histogram.empty()
+    for part in parts:
+        folded = folded.merge(part)
+    assert Histogram.merge_all(parts) == folded
+    values = np.concatenate([a.ravel() for a in arrays] + [np.array([])])
+    assert_merged_equal(folded, Histogram.from_values(values, tag="t"), values)
+
+
+def test_merge_rejects_other_types():
+    with pytest.raises(TypeError):
+        Histogram.empty().merge(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Histogram.merge_all([Histogram.empty(), 3])  # type: ignore[list-item]
+
+
+# --- On disk: the TF2 tensor and the legacy proto ----------------------------------------------------
+
+
+@settings(deadline=None)
+@given(float_arrays(np.float32) | float_arrays(np.float64, max_abs=1e30))
+def test_tensor_matches_tensorboards_conversion(values):
+    histogram = Histogram.from_values(values, tag="t")
+    rows = tensor_rows(histogram)
+    np.testing.assert_array_equal(rows, histogram.rows())
+    # TensorBoard's loader converts to float32; ours stays float64 and must round to the same.
+    np.testing.assert_array_equal(rows.astype(np.float32), tensorboard_rows(histogram))
+    assert rows.shape[1] == 3 and rows[:, 2].sum() == histogram.num
+    if histogram.num:
+        assert rows[0, 0] == histogram.min and rows[-1, 1] == histogram.max
+        assert np.all(rows[:, 0] <= rows[:, 1])
+        np.testing.assert_array_equal(rows[1:, 0], rows[:-1, 1])
+
+
+def test_tensor_proto_encoding():
+    histogram = Histogram.from_values(np.array([-1.0, 0.5, 0.5, 3.0]), tag="t")
+    proto = histogram.to_tensor_proto()
+    assert proto.dtype == types_pb2.DT_DOUBLE
+    assert [d.size for d in proto.tensor_shape.dim] == [len(histogram.rows()), 3]
+    assert proto.tensor_content == histogram.rows().astype("<f8").tobytes()
+    assert not proto.double_val
+    empty = Histogram.empty().to_tensor_proto()
+    assert [d.size for d in empty.tensor_shape.dim] == [0, 3] and empty.tensor_content == b""
+
+
+def test_single_distinct_value_is_one_row():
+    histogram = Histogram.from_values(np.full(7, 0.3), tag="t")
+    np.testing.assert_array_equal(histogram.rows(), [[0.3, 0.3, 7.0]])
+    np.testing.assert_array_equal(tensorboard_rows(histogram), np.float32([[0.3, 0.3, 7.0]]))
+
+
+def test_interior_empty_runs_collapse_to_one_row():
+    histogram = Histogram.from_values(np.array([-3.0, 1.0, 1.0, 2.0]), tag="t")
+    low, one = (BUCKET_LIMITS[reference_buckets(v)[0]] for v in (-3.0, 1.0))
+    below_one = BUCKET_LIMITS[reference_buckets(1.0)[0] - 1]
+    below_two = BUCKET_LIMITS[reference_buckets(2.0)[0] - 1]
+    np.testing.assert_array_equal(
+        histogram.rows(),
+        [[-3.0, low, 1], [low, below_one, 0], [below_one, one, 2], [one, below_two, 0], [below_two, 2.0, 1]],
+    )
+
+
+@settings(deadline=None)
+@given(any_float_array)
+def test_legacy_proto_is_tfs_encoding(values):
+    histogram = Histogram.from_values(values, tag="t")
+    legacy = histogram.to_histogram_proto()
+    assert (list(legacy.bucket_limit), list(legacy.bucket)) == encode_to_proto(histogram.counts)
+    assert legacy.num == histogram.num == sum(legacy.bucket)
+    assert legacy.bucket_limit[-1] == DBL_MAX and legacy.bucket[0] == 0.0
+    if histogram.num:
+        assert (legacy.min, legacy.max) == (histogram.min, histogram.max)
+    assert math.isfinite(legacy.min) and math.isfinite(legacy.max)
+
+
+def test_side_by_side_with_torch(tmp_path):
+    pytest.importorskip("torch")
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import histogram as torch_histogram
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    bins = writer.default_bins
+    writer.close()
+    # torch's bins="tensorflow" edges are the same series: TF's grid without ±DBL_MAX.
+    np.testing.assert_array_equal(bins, BUCKET_LIMITS[1:-1])
+
+    rng = np.random.default_rng(3)
+    datasets = [
+        rng.standard_normal(1000).astype(np.float32),
+        rng.standard_normal(5000) * 10.0 ** rng.uniform(-14, 18, 5000),
+        np.concatenate([rng.uniform(0, 5, 300), BUCKET_LIMITS[780:800], np.zeros(5)]),
+        np.full(10, -0.75),
+    ]
+    for values in datasets:
+        ours = Histogram.from_values(values, tag="t")
+        theirs = torch_histogram("t", values, bins).value[0].histo
+        assert (theirs.min, theirs.max, theirs.num) == (ours.min, ours.max, ours.num)
+        magnitude = float(np.abs(values.astype(np.float64)).sum())
+        assert theirs.sum == pytest.approx(ours.sum, rel=1e-9, abs=1e-9 * magnitude)
+        assert theirs.sum_squares == pytest.approx(ours.sum_squares, rel=1e-9)
+        edges = np.array(theirs.bucket_limit)
+        rows = ours.rows()
+        # Our last row's right edge is max, a value inside that row: bump it so "right <= edge"
+        # means the whole row lies below the edge.
+        rights = rows[:, 1].copy()
+        rights[-1] = np.nextafter(rights[-1], np.inf)
+        cumulative = np.concatenate([[0.0], np.cumsum(rows[:, 2])])
+        ours_below = cumulative[np.searchsorted(rights, edges, side="right")]
+        np.testing.assert_array_equal(ours_below, np.cumsum(theirs.bucket))
+
+
+# --- The sparse wire form ------------------------------------------------------------------------
+
+
+def parts_of(histogram: Histogram) -> dict:
+    return {
+        "min": histogram.min,
+        "max": histogram.max,
+        "sum": histogram.sum,
+        "sum_squares": histogram.sum_squares,
+        "nan": histogram.nan,
+        "posinf": histogram.posinf,
+        "neginf": histogram.neginf,
+    }
+
+
+@settings(deadline=None)
+@given(any_float_array)
+def test_sparse_round_trip(values):
+    histogram = Histogram.from_values(values, tag="t")
+    indices, counts = histogram.to_sparse()
+    assert indices.dtype == np.uint16 and counts.dtype == np.int64
+    assert np.all(counts > 0) and np.all(np.diff(indices.astype(int)) > 0)
+    assert Histogram.from_parts(indices, counts, **parts_of(histogram), num=histogram.num) == histogram
+    # As protobuf hands them over: lists of Python ints.
+    assert Histogram.from_parts(indices.tolist(), counts.tolist(), **parts_of(histogram)) == histogram
+
+
+SAMPLE = Histogram.from_values(np.array([-2.0, 0.5, 0.5, 7.0, np.nan]), tag="t")
+SAMPLE_INDICES, SAMPLE_COUNTS = SAMPLE.to_sparse()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"indices": [*SAMPLE_INDICES[:-1], NUM_BUCKETS]}, "in \\[0, 1551\\)"),
+        ({"indices": [-1, *SAMPLE_INDICES[1:]]}, "in \\[0, 1551\\)"),
+        ({"indices": SAMPLE_INDICES[::-1]}, "strictly increasing"),
+        ({"indices": [SAMPLE_INDICES[0]] * 3}, "strictly increasing"),
+        ({"indices": SAMPLE_INDICES[:2]}, "3 counts"),
+        ({"indices": SAMPLE_INDICES.astype(float)}, "integers"),
+        ({"indices": SAMPLE_INDICES.reshape(1, 3)}, "one-dimensional"),
+        ({"counts": [1, -2, 1]}, "counts must be"),
+        ({"counts": [1, 0, 1]}, "counts must be"),
+        ({"counts": [2**62, 2**62, 2**62]}, "does not fit"),
+        ({"counts": np.array([1, 2**64 - 1, 1], dtype=np.uint64)}, "counts must be"),
+        ({"num": 5}, "num is 5"),
+        ({"min": -3.0}, "first and last"),
+        ({"max": 7.5}, "first and last"),
+        ({"min": math.nan}, "finite"),
+        ({"max": math.inf}, "finite"),
+        ({"min": 1.0, "max": 0.9}, "min <= max"),
+        ({"sum_squares": -1.0}, "sum_squares"),
+        ({"sum_squares": math.nan}, "sum_squares"),
+        ({"nan": -1}, "nan must be"),
+        ({"posinf": 1.5}, "posinf must be an integer"),
+        ({"neginf": True}, "neginf must be an integer"),
+        ({"sum": "1"}, "sum must be a real number"),
+    ],
+)
+def test_from_parts_rejects_inconsistent_input(change, message):
+    arguments = {"indices": SAMPLE_INDICES, "counts": SAMPLE_COUNTS, **parts_of(SAMPLE), **change}
+    with pytest.raises(ValueError, match=message):
+        Histogram.from_parts(**arguments)
+
+
+def test_from_parts_empty_and_single_value():
+    empty = Histogram.from_values(np.array([np.nan]), tag="t")
+    assert Histogram.from_parts([], [], **parts_of(empty)) == empty
+    with pytest.raises(ValueError, match="without finite values"):
+        Histogram.from_parts([], [], **{**parts_of(empty), "min": 0.0, "max": 0.0})
+    single = Histogram.from_values(np.array([0.5]), tag="t")
+    indices, counts = single.to_sparse()
+    with pytest.raises(ValueError, match="single value"):
+        Histogram.from_parts(indices, counts, **{**parts_of(single), "min": np.nextafter(0.5, 0)})
+
+
+# --- The object ---------------------------------------------------------------------------------------
+
+
+def test_histogram_is_immutable_and_compact_in_repr():
+    histogram = Histogram.from_values(np.array([1.0, 2.0]), tag="t")
+    with pytest.raises(ValueError):
+        histogram.counts[0] = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        histogram.num = 3  # type: ignore[misc]
+    assert "num=2" in repr(histogram) and len(repr(histogram)) < 300
+    with pytest.raises(ValueError, match="shape"):
+        Histogram(np.zeros(10, dtype=np.int64), 0.0, 0.0, 0, 0.0, 0.0)
