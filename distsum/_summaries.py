@@ -1,0 +1,220 @@
+"""Summary items: what a front end hands on, in a form that can still be merged across ranks.
+
+A front end validates what the user passed (in the user's thread) and turns it into items. An
+item keeps its data mergeable: a scalar as a float, a histogram as counts on TF1's fixed grid,
+images as pixels. ``to_values`` turns items into the ``Summary.Value`` protos written to disk,
+and is the one place that decides how each kind looks on disk:
+
+==========  ======================================================================================
+scalar      legacy ``simple_value`` (float32); both loaders and tbparse show it as a scalar
+histogram   TF2 ``[k, 3]`` float64 tensor, plugin ``histograms``: both loaders serve it the same
+images      legacy ``Summary.Image`` PNGs, one Value each, TF1 tag naming (``name/image/i``)
+text        rank-0 DT_STRING tensor, plugin ``text`` (rendered as Markdown)
+hparams     metadata-only Values, plugin ``hparams``
+==========  ======================================================================================
+
+Every tensor Value carries its plugin metadata (TF2 style), so each tag is typed correctly in
+every file whichever Value TensorBoard happens to see first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf import struct_pb2
+
+from distsum._histogram import Histogram
+from distsum._image import EncodedImage, encode_png
+from distsum._proto import hparams_pb2, summary_pb2, types_pb2
+
+__all__ = [
+    "HistogramItem",
+    "ImageItem",
+    "Item",
+    "ProtoItem",
+    "ScalarItem",
+    "TextItem",
+    "hparams_items",
+    "image_tags",
+    "to_values",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ScalarItem:
+    tag: str
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramItem:
+    tag: str
+    histogram: Histogram
+
+
+@dataclass(frozen=True, slots=True)
+class ImageItem:
+    """One image: HWC uint8 pixels, PNG-encoded only when first needed, or an encoded PNG."""
+
+    tag: str
+    image: np.ndarray | EncodedImage
+    _encoded: list[EncodedImage] = field(default_factory=list, compare=False, repr=False)
+
+    def encoded(self) -> EncodedImage:
+        if isinstance(self.image, EncodedImage):
+            return self.image
+        if not self._encoded:
+            self._encoded.append(encode_png(self.image))
+        return self._encoded[0]
+
+
+@dataclass(frozen=True, slots=True)
+class TextItem:
+    tag: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtoItem:
+    """A ``Summary.Value`` written as it is: hparams records, values from foreign summaries."""
+
+    value: summary_pb2.Summary.Value
+
+    @property
+    def tag(self) -> str:
+        return self.value.tag
+
+
+Item = ScalarItem | HistogramItem | ImageItem | TextItem | ProtoItem
+
+
+def _metadata(
+    plugin: str, data_class: summary_pb2.DataClass, content: bytes = b""
+) -> summary_pb2.SummaryMetadata:
+    metadata = summary_pb2.SummaryMetadata(data_class=data_class)
+    metadata.plugin_data.plugin_name = plugin
+    metadata.plugin_data.content = content
+    return metadata
+
+
+_HISTOGRAMS = _metadata("histograms", summary_pb2.DATA_CLASS_TENSOR)
+_TEXT = _metadata("text", summary_pb2.DATA_CLASS_TENSOR)
+
+
+def image_tags(name: str, max_outputs: int) -> list[str]:
+    """TF1's names for the images of one ``image`` call: ``name/image`` or ``name/image/i``.
+
+    The suffix follows the requested ``max_outputs``, not the number of images given.
+    """
+    if max_outputs == 1:
+        return [f"{name}/image"]
+    return [f"{name}/image/{i}" for i in range(max_outputs)]
+
+
+def to_values(items: Iterable[Item]) -> list[summary_pb2.Summary.Value]:
+    """The ``Summary.Value`` protos that represent ``items`` on disk, in order."""
+    values = []
+    for item in items:
+        if isinstance(item, ScalarItem):
+            values.append(summary_pb2.Summary.Value(tag=item.tag, simple_value=item.value))
+        elif isinstance(item, HistogramItem):
+            values.append(
+                summary_pb2.Summary.Value(
+                    tag=item.tag, metadata=_HISTOGRAMS, tensor=item.histogram.to_tensor_proto()
+                )
+            )
+        elif isinstance(item, ImageItem):
+            image = item.encoded()
+            value = summary_pb2.Summary.Value(tag=item.tag)
+            value.image.height = image.height
+            value.image.width = image.width
+            value.image.colorspace = image.colorspace
+            value.image.encoded_image_string = image.png
+            values.append(value)
+        elif isinstance(item, TextItem):
+            value = summary_pb2.Summary.Value(tag=item.tag, metadata=_TEXT)
+            value.tensor.dtype = types_pb2.DT_STRING
+            value.tensor.string_val.append(item.text.encode("utf-8"))
+            values.append(value)
+        elif isinstance(item, ProtoItem):
+            values.append(item.value)
+        else:
+            raise TypeError(f"not a summary item: {item!r}")
+    return values
+
+
+# --- hparams -------------------------------------------------------------------------------------
+
+_HPARAMS_EXPERIMENT = "_hparams_/experiment"
+_HPARAMS_SESSION_START = "_hparams_/session_start_info"
+_HPARAMS_SESSION_END = "_hparams_/session_end_info"
+
+
+def _hparams_value(tag: str, data: hparams_pb2.HParamsPluginData) -> ProtoItem:
+    value = summary_pb2.Summary.Value(tag=tag)
+    value.metadata.CopyFrom(_metadata("hparams", summary_pb2.DATA_CLASS_UNKNOWN, data.SerializeToString()))
+    return ProtoItem(value)
+
+
+def hparams_items(
+    hparams: Mapping[str, object],
+    metrics: Sequence[str],
+    *,
+    discrete_domains: Mapping[str, Sequence[object]] | None = None,
+) -> list[ProtoItem]:
+    """The three hparams plugin records for one session: experiment, start and end.
+
+    ``hparams`` maps names to bool, int, float or str values; ``metrics`` names the scalar tags
+    the hparams dashboard should show beside them. Raises TypeError/ValueError naming the bad
+    entry.
+    """
+    experiment = hparams_pb2.Experiment(time_created_secs=time.time())
+    start = hparams_pb2.SessionStartInfo(start_time_secs=time.time())
+    discrete_domains = dict(discrete_domains or {})
+    for name, raw in hparams.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"hparam names must be non-empty str, got {name!r}")
+        info = experiment.hparam_infos.add(name=name)
+        if isinstance(raw, bool):
+            info.type = hparams_pb2.DATA_TYPE_BOOL
+            start.hparams[name].bool_value = raw
+        elif isinstance(raw, (int, float, np.integer, np.floating)):
+            info.type = hparams_pb2.DATA_TYPE_FLOAT64
+            start.hparams[name].number_value = float(raw)
+        elif isinstance(raw, str):
+            info.type = hparams_pb2.DATA_TYPE_STRING
+            start.hparams[name].string_value = raw
+        else:
+            raise TypeError(
+                f"hparam {name!r} must be a bool, int, float or str, got {type(raw).__name__} {raw!r}"
+            )
+        domain = discrete_domains.pop(name, None)
+        if domain is not None:
+            info.domain_discrete.CopyFrom(_list_value(name, domain))
+    if discrete_domains:
+        raise ValueError(f"discrete domains given for unknown hparams: {sorted(discrete_domains)}")
+    for tag in metrics:
+        experiment.metric_infos.add().name.tag = tag
+    end = hparams_pb2.SessionEndInfo(status=hparams_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+    return [
+        _hparams_value(_HPARAMS_EXPERIMENT, hparams_pb2.HParamsPluginData(experiment=experiment)),
+        _hparams_value(_HPARAMS_SESSION_START, hparams_pb2.HParamsPluginData(session_start_info=start)),
+        _hparams_value(_HPARAMS_SESSION_END, hparams_pb2.HParamsPluginData(session_end_info=end)),
+    ]
+
+
+def _list_value(name: str, values: Sequence[object]) -> struct_pb2.ListValue:
+    out = struct_pb2.ListValue()
+    for v in values:
+        if isinstance(v, bool):
+            out.values.add().bool_value = v
+        elif isinstance(v, (int, float)):
+            out.values.add().number_value = float(v)
+        elif isinstance(v, str):
+            out.values.add().string_value = v
+        else:
+            raise TypeError(f"domain of hparam {name!r} holds {v!r}; expected bool, number or str")
+    return out
