@@ -1,7 +1,7 @@
 """The program of the article distsum grew from (TF1's tf.summary), with eager values.
 
 Only the graph and session parts are replaced: ``session.run`` becomes a numpy forward/backward
-pass of a small convolutional classifier on synthetic 28×28 digits. Every summary call, the
+pass of a small convolutional classifier on synthetic 28x28 digits. Every summary call, the
 train/test writers, the merged summary per step, test accuracy every 10 steps, the weight and
 gradient histograms and ``image('Conv1', ..., max_outputs=10)`` are the article's.
 """
@@ -17,7 +17,7 @@ STEPS = 1000
 
 
 class Model:
-    """conv(3×3, 1 filter) -> ReLU -> linear(784 -> 10) -> softmax, trained by plain SGD."""
+    """conv(3x3, 1 filter) -> ReLU -> linear(784 -> 10) -> softmax, trained by plain SGD."""
 
     def __init__(self, rng):
         self.variables = {
