@@ -1,0 +1,918 @@
+"""Merge what the ranks of one job logged into one run: hold each step until complete, then reduce.
+
+The aggregator decodes a batch of one rank and hands its records to the ``RunMerger`` of the
+batch's run; ``take_ready`` returns the steps that may now be written, as ``MergedStep`` objects
+holding the summary items for each run path. No sockets, files, threads or sleeping here: time
+comes from an injected clock, so the same inputs and clock readings give the same output.
+
+**When a step is complete.** A rank has *moved past* step ``s`` once it has logged a record
+(of any series of the run) with a step above ``s``, or asked for a flush after logging ``s``, or
+left. The ranks waited for are the joined ranks that have not left and, when the world size is
+known, the ranks ``0 .. n-1`` that have not shown up yet (they hold every step until the
+timeout). Every step that all of them have moved past is complete. A step whose first record
+arrived more than ``step_timeout`` ago is taken anyway, and with it every open step below it,
+because a tag's steps must be written in increasing order (tensorboard-format.md section 4).
+A rank that sends records without ``rank_joined`` joins with them; records of a rank that left
+are still merged, but it is waited for again only after ``rank_joined``.
+
+Progress counts steps of every series of the run alike, so a run whose sub-runs count steps
+differently (epochs in ``test``, global steps in the run) sees the records of the lower counter
+completed at once and mostly late. Each (series, step) is written once; a series that had no
+record at a step already written for other series may still be written there later (its own
+steps stay increasing), so across ``take_ready`` calls steps increase per (run path, tag), not
+overall. Within one call the ``MergedStep`` list is in increasing step order, one per step.
+
+**Late data.** A record whose step is at or below the last step already written for its series
+cannot go into the run any more: TensorBoard would drop the newer points (Rust loader) or show a
+duplicate (Python loader). It is counted (``late``) and written raw, unreduced, under its own tag
+in the sub-run ``<subrun>/late/rank_<r>`` of the rank that sent it. There, TensorBoard shows the
+points at their true steps but they were written whenever they arrived. Within one late run a
+tag's steps are still kept strictly increasing: a late record at or below the last step already
+written for its (series, rank) late run is dropped and counted (``late_dropped``). Late records
+are written at the next ``take_ready``.
+
+**Conflicting series.** The first definition of a (sub-run, tag) wins. A later ``series`` call
+for the same (sub-run, tag) with another kind, reduce tuple or image count, or one whose output
+tags would coincide with tags already claimed by another series (``loss/max`` against the
+``max`` reduction of ``loss``, a sub-run named ``rank_3`` against the per-rank runs, ...), still
+gets an id, but its records are dropped and counted (``conflicts``). So no two series ever write
+the same (run path, tag).
+
+**Reductions.** Over the ranks that logged the (series, step), each rank's last value: MEAN, SUM,
+MIN and MAX as IEEE arithmetic in float64. A NaN from any rank makes all four NaN (numpy's
+``minimum``/``maximum``, not ``fmin``/``fmax``): a NaN loss on one rank should show, not vanish.
++inf and -inf behave as IEEE says (the mean of +inf and -inf is NaN). NONE writes each rank's
+value under the tag in the run ``<subrun>/rank_<r>``. In a tuple, NONE does not take a position:
+the first of the other reductions is written under ``tag`` and the rest under ``tag/<op>``, so
+``(MEAN, NONE)`` and ``(NONE, MEAN)`` both put the mean under ``tag`` in the sub-run, where
+TensorBoard draws it on the same chart as the per-rank runs. Histograms merge exactly; images are
+gathered in rank order and cut to the series' ``max_outputs``; texts are joined in rank order,
+each labelled with its rank.
+
+**Memory.** Held scalars are counted one per value (duplicates included until reduced); a held
+histogram, image list or text counts as ``BLOB_WEIGHT`` values plus its payload in 8-byte units
+(bucket counts; PNG bytes; characters of text). When more than ``max_open_values`` are held,
+``take_ready`` takes the oldest open steps early until the rest fit. The bound is applied by
+``take_ready``, which the aggregator calls after every batch, so at most one batch over it.
+
+**Wall times** are the aggregator's to validate; a NaN or infinite one takes no part in a step's
+wall time, and a step with no finite one gets the latest wall time written before it (0.0 first).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple, cast
+
+import numpy as np
+
+from distsum._histogram import Histogram
+from distsum._image import EncodedImage
+from distsum._proto import wire_pb2
+from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, image_tags
+
+__all__ = ["BLOB_WEIGHT", "MergeStats", "MergedStep", "RunMerger", "SeriesSpec"]
+
+# What a held histogram, image list or text counts for against max_open_values, on top of its
+# payload: roughly its Python objects, in units of one held scalar.
+BLOB_WEIGHT = 1000
+
+# Python ints beyond int64 on either side, so "nothing yet" and "everything" compare with any step.
+_BEFORE_ALL = -(2**64)
+_AFTER_ALL = 2**64
+_INT64_MAX = np.iinfo(np.int64).max
+
+_OPS = (wire_pb2.MEAN, wire_pb2.SUM, wire_pb2.MIN, wire_pb2.MAX)
+_OP_NAMES: dict[int, str] = {
+    wire_pb2.MEAN: "mean",
+    wire_pb2.SUM: "sum",
+    wire_pb2.MIN: "min",
+    wire_pb2.MAX: "max",
+}
+_REDUCES = (*_OPS, wire_pb2.NONE)
+_KINDS = (wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.IMAGES, wire_pb2.TEXT)
+# Bits of _Series.opbits: which reductions a scalar series needs.
+_BIT: dict[int, int] = {op: 1 << op for op in _OPS}
+_RANK_LEAF = re.compile(r"rank_(?:0|[1-9][0-9]*)")
+# Chunks appended since the last consolidation that trigger one: bounds the Python objects
+# per held value when ranks send many small batches.
+_CONSOLIDATE_AFTER = 64
+_TEXT_SEPARATOR = "\n\n---\n\n"
+# The ufuncs' own reductions: ndarray.min/max add a Python-level wrapper to every call.
+_min = np.minimum.reduce
+_max = np.maximum.reduce
+
+
+def _join(subrun: str, leaf: str) -> str:
+    return f"{subrun}/{leaf}" if subrun else leaf
+
+
+def _rank_prefix(run: str) -> str | None:
+    """``P`` if ``run`` is ``P + "rank_<n>"`` (a per-rank run below ``P``), else None."""
+    leaf = run.rpartition("/")[2]
+    return run[: len(run) - len(leaf)] if _RANK_LEAF.fullmatch(leaf) else None
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSpec:
+    """One series of a run as ``RunMerger.series`` interned it (reduce and max_outputs normalised).
+
+    ``conflict`` is true when the definition lost to an earlier one: its records are dropped.
+    """
+
+    subrun: str
+    tag: str
+    kind: int
+    reduce: tuple[int, ...]
+    max_outputs: int
+    conflict: bool
+
+
+@dataclass(slots=True)
+class MergedStep:
+    """The items to write at one step, by run path relative to the job's run ("" = the run)."""
+
+    step: int
+    wall_time: float
+    """The latest wall time of the contributions written here."""
+    outputs: dict[str, list[Item]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeStats:
+    """Counters for the aggregator's health series; the ``late``..``steps_forced`` ones accumulate."""
+
+    open_steps: int
+    held_values: int
+    late: int
+    """Records that arrived for a step already written for their series."""
+    late_dropped: int
+    """Late records not written even to the late run, since they would go backwards there."""
+    conflicts: int
+    """Records dropped because their series lost to an earlier, conflicting definition."""
+    steps_written: int
+    steps_timed_out: int
+    """Steps taken because their first record was older than ``step_timeout``."""
+    steps_forced: int
+    """Steps taken before they were complete for another reason: memory or ``take_all``."""
+    waited_ranks: int
+    """Ranks the frontier waits for: joined and not left, or expected and not yet joined."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    spec: SeriesSpec
+    # Scalars: (op, output tag) of the reductions written to the sub-run itself.
+    ops: tuple[tuple[int, str], ...]
+    per_rank: bool
+    opbits: int
+    rank_prefix: str  # per-rank runs are rank_prefix + "rank_<r>"
+    late_prefix: str  # late runs are late_prefix + "rank_<r>"
+    image_tags: tuple[str, ...]
+
+
+class _Chunk(NamedTuple):
+    """Scalar records of one or more batches, in arrival order, all with steps in [lo, hi]."""
+
+    ranks: np.ndarray
+    series: np.ndarray
+    steps: np.ndarray
+    values: np.ndarray
+    walls: np.ndarray
+    lo: int
+    hi: int
+
+    def where(self, mask: np.ndarray) -> _Chunk:
+        steps = self.steps[mask]
+        return _Chunk(
+            self.ranks[mask],
+            self.series[mask],
+            steps,
+            self.values[mask],
+            self.walls[mask],
+            int(steps.min()),
+            int(steps.max()),
+        )
+
+
+def _concat(chunks: list[_Chunk]) -> _Chunk:
+    if len(chunks) == 1:
+        return chunks[0]
+    return _Chunk(
+        np.concatenate([c.ranks for c in chunks]),
+        np.concatenate([c.series for c in chunks]),
+        np.concatenate([c.steps for c in chunks]),
+        np.concatenate([c.values for c in chunks]),
+        np.concatenate([c.walls for c in chunks]),
+        min(c.lo for c in chunks),
+        max(c.hi for c in chunks),
+    )
+
+
+class _Blob(NamedTuple):
+    """A held histogram, image list or text of one rank."""
+
+    payload: Histogram | tuple[EncodedImage, ...] | str
+    wall: float
+    weight: int
+
+
+@dataclass(slots=True)
+class _Open:
+    """An open step: when its first record arrived, and how many values it holds."""
+
+    first: float
+    held: int = 0
+
+
+class RunMerger:
+    """The open steps of one run (with its sub-runs), and the rule that says when each is complete.
+
+    Not thread-safe: one aggregator thread owns it. See the module docstring for the rules.
+    """
+
+    def __init__(
+        self,
+        *,
+        step_timeout: float,
+        max_open_values: int = 10_000_000,
+        world_size: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not step_timeout >= 0:
+            raise ValueError(f"step_timeout must be >= 0 seconds, got {step_timeout!r}")
+        if max_open_values < 0:
+            raise ValueError(f"max_open_values must be >= 0, got {max_open_values!r}")
+        self._timeout = float(step_timeout)
+        self._max_values = int(max_open_values)
+        self._clock = clock
+
+        # Series, interned. Per-series numpy lookups serve the vectorised hot path.
+        self._ids: dict[tuple[str, str, int, tuple[int, ...], int], int] = {}
+        self._raw_ids: dict[tuple[str, str, int, tuple[int, ...], int], int] = {}
+        self._first: dict[tuple[str, str], int] = {}
+        self._series: list[_Series] = []
+        self._run_claims: dict[str, set[str]] = {}  # tag -> run paths
+        self._rank_claims: dict[str, set[str]] = {}  # tag -> per-rank run prefixes
+        # Last step written per series; int64 max for conflicting series, so that one comparison
+        # sends both late and conflicting records off the hot path.
+        self._last = np.empty(0, dtype=np.int64)
+        self._opbits = np.empty(0, dtype=np.int64)
+        self._per_rank = np.empty(0, dtype=bool)
+        self._conflict = np.empty(0, dtype=bool)
+
+        # Ranks: True joined, False left. _done[r]: every step <= _done[r] is moved past by r.
+        self._state: dict[int, bool] = {}
+        self._progress: dict[int, int] = {}
+        self._done: dict[int, int] = {}
+        # (done, rank) of waited ranks; stale entries are dropped when they reach the top.
+        self._rank_heap: list[tuple[int, int]] = []
+        self._world_size: int | None = None
+        self._missing = 0  # ranks 0..world_size-1 never seen
+
+        # Open steps: a heap of their numbers, their state, and arrivals in clock order.
+        self._open: dict[int, _Open] = {}
+        self._step_heap: list[int] = []
+        self._arrivals: deque[tuple[float, int, _Open]] = deque()
+        self._held = 0
+        self._chunks: list[_Chunk] = []
+        self._consolidated = 0  # self._chunks[:_consolidated] came out of a consolidation
+        self._blobs: dict[int, dict[tuple[int, int], _Blob]] = {}
+
+        # Late records waiting for the next take, and the last step of each (series, rank) late run.
+        self._late_chunks: list[_Chunk] = []
+        self._late_blobs: dict[tuple[int, int, int], _Blob] = {}
+        self._late_last: dict[tuple[int, int], int] = {}
+        self._rank_runs: dict[tuple[str, int], str] = {}
+        self._rank_columns: dict[int, np.ndarray] = {}
+
+        self._late = 0
+        self._late_dropped = 0
+        self._conflicts = 0
+        self._steps_written = 0
+        self._steps_timed_out = 0
+        self._steps_forced = 0
+        self._last_wall = 0.0
+
+        if world_size is not None:
+            self.set_world_size(world_size)
+
+    # --- series ----------------------------------------------------------------------------------
+
+    def series(
+        self, subrun: str, tag: str, kind: int, reduce: tuple[int, ...] = (), max_outputs: int = 0
+    ) -> int:
+        """The run-wide id of a series; the same definition always gives the same id.
+
+        ``kind`` and ``reduce`` take ``wire_pb2`` enum values. A scalar with no reductions means
+        ``(MEAN,)``; repeated reductions count once. ``reduce`` is ignored for other kinds and
+        ``max_outputs`` for all but images. A definition that conflicts with an earlier one gets
+        an id whose records are dropped (see the module docstring). Raises ValueError for an
+        unknown kind or reduction, or images with ``max_outputs < 1``.
+        """
+        # The aggregator asks again for every batch (the wire interns series per batch): answer a
+        # repeated question from one dict lookup.
+        raw = (subrun, tag, kind, reduce if type(reduce) is tuple else tuple(reduce), max_outputs)
+        sid = self._raw_ids.get(raw)
+        if sid is not None:
+            return sid
+        sid = self._define(subrun, tag, kind, raw[3], max_outputs)
+        self._raw_ids[raw] = sid
+        return sid
+
+    def _define(self, subrun: str, tag: str, kind: int, reduce: tuple[int, ...], max_outputs: int) -> int:
+        if kind not in _KINDS:
+            raise ValueError(f"series {tag!r}: unknown kind {kind!r}")
+        if kind == wire_pb2.SCALAR:
+            for op in reduce:
+                if op not in _REDUCES:
+                    raise ValueError(f"scalar series {tag!r}: unknown reduction {op!r}")
+            reduce = tuple(dict.fromkeys(int(op) for op in reduce)) or (wire_pb2.MEAN,)
+        else:
+            reduce = ()
+        if kind == wire_pb2.IMAGES:
+            if max_outputs < 1:
+                raise ValueError(f"image series {tag!r}: max_outputs must be >= 1, got {max_outputs!r}")
+            max_outputs = int(max_outputs)
+        else:
+            max_outputs = 0
+        key = (subrun, tag, int(kind), reduce, max_outputs)
+        sid = self._ids.get(key)
+        if sid is not None:
+            return sid
+
+        reduced = [op for op in reduce if op != wire_pb2.NONE]
+        ops = tuple((op, tag if i == 0 else f"{tag}/{_OP_NAMES[op]}") for i, op in enumerate(reduced))
+        per_rank = wire_pb2.NONE in reduce
+        rank_prefix = _join(subrun, "")
+        late_prefix = _join(subrun, "late/")
+        tags = tuple(image_tags(tag, max_outputs)) if kind == wire_pb2.IMAGES else ()
+        # What this series writes: tags in its sub-run, tags in per-rank runs below a prefix.
+        if kind == wire_pb2.SCALAR:
+            run_tags = [t for _, t in ops]
+            rank_runs = [(rank_prefix, tag)] if per_rank else []
+            rank_runs.append((late_prefix, tag))
+        else:
+            run_tags = list(tags) if kind == wire_pb2.IMAGES else [tag]
+            rank_runs = [(late_prefix, t) for t in run_tags]
+        conflict = (
+            (subrun, tag) in self._first
+            or any(self._run_taken(subrun, t) for t in run_tags)
+            or any(self._ranks_taken(prefix, t) for prefix, t in rank_runs)
+        )
+        if not conflict:
+            for t in run_tags:
+                self._run_claims.setdefault(t, set()).add(subrun)
+            for prefix, t in rank_runs:
+                self._rank_claims.setdefault(t, set()).add(prefix)
+        self._first.setdefault((subrun, tag), len(self._series))
+
+        spec = SeriesSpec(subrun, tag, int(kind), reduce, max_outputs, conflict)
+        opbits = sum(_BIT[op] for op in reduced)
+        sid = len(self._series)
+        self._series.append(_Series(spec, ops, per_rank, opbits, rank_prefix, late_prefix, tags))
+        self._ids[key] = sid
+        if sid == self._last.size:
+            size = max(16, 2 * sid)
+            self._last = np.resize(self._last, size)
+            self._opbits = np.resize(self._opbits, size)
+            self._per_rank = np.resize(self._per_rank, size)
+            self._conflict = np.resize(self._conflict, size)
+        self._last[sid] = _INT64_MAX if conflict else np.iinfo(np.int64).min
+        self._opbits[sid] = opbits
+        self._per_rank[sid] = per_rank
+        self._conflict[sid] = conflict
+        return sid
+
+    def describe(self, series: int) -> SeriesSpec:
+        """The definition behind a series id (for logging a conflict, say)."""
+        return self._series[series].spec
+
+    def _run_taken(self, run: str, tag: str) -> bool:
+        if run in self._run_claims.get(tag, ()):
+            return True
+        prefix = _rank_prefix(run)
+        return prefix is not None and prefix in self._rank_claims.get(tag, ())
+
+    def _ranks_taken(self, prefix: str, tag: str) -> bool:
+        if prefix in self._rank_claims.get(tag, ()):
+            return True
+        return any(_rank_prefix(run) == prefix for run in self._run_claims.get(tag, ()))
+
+    # --- ranks -----------------------------------------------------------------------------------
+
+    def set_world_size(self, n: int | None) -> None:
+        """Wait also for the ranks ``0 .. n-1`` that have not joined yet; 0 or None: unknown."""
+        if n is not None and n < 0:
+            raise ValueError(f"world size must be >= 0, got {n!r}")
+        self._world_size = n or None
+        self._missing = n - sum(1 for r in self._state if 0 <= r < n) if n else 0
+
+    def rank_joined(self, rank: int) -> None:
+        """A rank (re)started: it is waited for, from no progress, until it leaves.
+
+        A rank that is already joined is unaffected. A rank that left and comes back (a new client
+        instance) starts over: its earlier progress no longer counts.
+        """
+        if self._state.get(rank) is True:
+            return
+        self._first_seen(rank)
+        self._state[rank] = True
+        self._progress[rank] = self._done[rank] = _BEFORE_ALL
+        heapq.heappush(self._rank_heap, (_BEFORE_ALL, rank))
+
+    def rank_flushed(self, rank: int) -> None:
+        """The rank wants what it logged so far written: it has moved past its highest step."""
+        if rank not in self._state:
+            self.rank_joined(rank)
+        self._advance(rank, self._progress[rank])
+
+    def rank_left(self, rank: int) -> None:
+        """The rank finished or was declared dead: no longer waited for.
+
+        Its records that still arrive are merged (or late) as usual, but it is only waited for
+        again after ``rank_joined``.
+        """
+        self._first_seen(rank)
+        self._state[rank] = False
+
+    def _first_seen(self, rank: int) -> None:
+        if rank in self._state:
+            return
+        if rank < 0:
+            raise ValueError(f"ranks must be >= 0, got {rank!r}")
+        if self._world_size is not None and rank < self._world_size:
+            self._missing -= 1
+        self._state[rank] = False
+        self._progress[rank] = self._done[rank] = _BEFORE_ALL
+
+    def _logged(self, rank: int, highest: int) -> None:
+        if rank not in self._state:
+            self.rank_joined(rank)
+        if highest > self._progress[rank]:
+            self._progress[rank] = highest
+            self._advance(rank, highest - 1)
+
+    def _advance(self, rank: int, done: int) -> None:
+        if done > self._done[rank]:
+            self._done[rank] = done
+            if self._state[rank]:
+                heapq.heappush(self._rank_heap, (done, rank))
+
+    def _frontier(self) -> int:
+        """Every step at or below this one has been moved past by every rank waited for."""
+        if self._missing:
+            return _BEFORE_ALL
+        heap = self._rank_heap
+        while heap:
+            done, rank = heap[0]
+            if self._state[rank] and self._done[rank] == done:
+                return done
+            heapq.heappop(heap)
+        return _AFTER_ALL
+
+    # --- input -----------------------------------------------------------------------------------
+
+    def add_scalars(
+        self,
+        rank: int,
+        series: np.ndarray,
+        steps: np.ndarray,
+        values: np.ndarray,
+        wall_times: np.ndarray,
+    ) -> None:
+        """Scalar records of one batch of ``rank``, as columns; a later duplicate replaces an earlier.
+
+        The merger keeps the arrays: the caller must not modify them afterwards. Raises
+        ValueError if the columns differ in length or name an unknown series.
+        """
+        unsigned = isinstance(series, np.ndarray) and series.dtype.kind == "u"
+        series = np.asarray(series, dtype=np.intp)
+        steps = np.asarray(steps, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float64)
+        wall_times = np.asarray(wall_times, dtype=np.float64)
+        n = series.size
+        if not (series.ndim == 1 and steps.shape == values.shape == wall_times.shape == (n,)):
+            raise ValueError(
+                f"scalar columns must be 1-D of one length, got shapes {series.shape}, "
+                f"{steps.shape}, {values.shape}, {wall_times.shape}"
+            )
+        if n == 0:
+            return
+        if _max(series) >= len(self._series) or not (unsigned or _min(series) >= 0):
+            raise ValueError(
+                f"scalar records name series {series.min()}..{series.max()}, "
+                f"but only {len(self._series)} are defined"
+            )
+        now = self._clock()
+        lo, hi = int(_min(steps)), int(_max(steps))
+        self._logged(rank, hi)
+
+        behind = np.less_equal(steps, self._last.take(series))
+        if np.count_nonzero(behind):
+            ahead = ~behind
+            self._add_late_scalars(rank, series[behind], steps[behind], values[behind], wall_times[behind])
+            series, steps, values, wall_times = series[ahead], steps[ahead], values[ahead], wall_times[ahead]
+            n = series.size
+            if n == 0:
+                return
+            lo, hi = int(_min(steps)), int(_max(steps))
+        self._chunks.append(_Chunk(self._rank_column(rank, n), series, steps, values, wall_times, lo, hi))
+        if len(self._chunks) - self._consolidated >= _CONSOLIDATE_AFTER:
+            self._chunks[self._consolidated :] = [_concat(self._chunks[self._consolidated :])]
+            self._consolidated = len(self._chunks)
+        if lo == hi:
+            self._hold(lo, n, now)
+        else:
+            unique, counts = np.unique(steps, return_counts=True)
+            for step, count in zip(unique.tolist(), counts.tolist(), strict=True):
+                self._hold(step, count, now)
+
+    def _rank_column(self, rank: int, n: int) -> np.ndarray:
+        """``n`` times ``rank``: a read-only view, shared by every chunk of the rank."""
+        column = self._rank_columns.get(rank)
+        if column is None or column.size < n:
+            column = np.full(max(n, 1024), rank, dtype=np.intp)
+            column.setflags(write=False)
+            self._rank_columns[rank] = column
+        return column[:n]
+
+    def _add_late_scalars(
+        self, rank: int, series: np.ndarray, steps: np.ndarray, values: np.ndarray, walls: np.ndarray
+    ) -> None:
+        conflicting = self._conflict[series]
+        if conflicting.any():
+            self._conflicts += int(np.count_nonzero(conflicting))
+            late = ~conflicting
+            series, steps, values, walls = series[late], steps[late], values[late], walls[late]
+        if series.size:
+            self._late += int(series.size)
+            ranks = self._rank_column(rank, series.size)
+            self._late_chunks.append(
+                _Chunk(ranks, series, steps, values, walls, int(steps.min()), int(steps.max()))
+            )
+
+    def add_histogram(
+        self, rank: int, series: int, step: int, histogram: Histogram, wall_time: float
+    ) -> None:
+        """One rank's histogram for a (series, step); the rank's last one wins."""
+        weight = BLOB_WEIGHT + histogram.counts.nbytes // 8
+        self._add_blob(rank, series, step, wire_pb2.HISTOGRAM, histogram, wall_time, weight)
+
+    def add_images(
+        self, rank: int, series: int, step: int, images: list[EncodedImage], wall_time: float
+    ) -> None:
+        """One rank's images for a (series, step), in order; the rank's last list wins."""
+        weight = BLOB_WEIGHT + sum(len(image.png) for image in images) // 8
+        self._add_blob(rank, series, step, wire_pb2.IMAGES, tuple(images), wall_time, weight)
+
+    def add_text(self, rank: int, series: int, step: int, text: str, wall_time: float) -> None:
+        """One rank's text for a (series, step); the rank's last text wins."""
+        weight = BLOB_WEIGHT + len(text) // 8
+        self._add_blob(rank, series, step, wire_pb2.TEXT, text, wall_time, weight)
+
+    def _add_blob(
+        self,
+        rank: int,
+        series: int,
+        step: int,
+        kind: int,
+        payload: Histogram | tuple[EncodedImage, ...] | str,
+        wall_time: float,
+        weight: int,
+    ) -> None:
+        if not 0 <= series < len(self._series):
+            raise ValueError(f"record names series {series}, but only {len(self._series)} are defined")
+        step = int(step)
+        now = self._clock()
+        self._logged(rank, step)
+        spec = self._series[series].spec
+        # A record of another kind than its series is as good as a conflicting definition.
+        if spec.conflict or spec.kind != kind:
+            self._conflicts += 1
+            return
+        blob = _Blob(payload, float(wall_time), weight)
+        if step <= self._last[series]:
+            self._late += 1
+            self._late_blobs[series, rank, step] = blob
+            return
+        held = self._blobs.setdefault(step, {})
+        old = held.get((series, rank))
+        held[series, rank] = blob
+        self._hold(step, weight - (old.weight if old else 0), now)
+
+    def _hold(self, step: int, count: int, now: float) -> None:
+        info = self._open.get(step)
+        if info is None:
+            info = self._open[step] = _Open(now)
+            heapq.heappush(self._step_heap, step)
+            self._arrivals.append((now, step, info))
+        info.held += count
+        self._held += count
+
+    # --- output ----------------------------------------------------------------------------------
+
+    def take_ready(self, now: float | None = None) -> list[MergedStep]:
+        """The steps to write now, in increasing step order, and the late records that arrived.
+
+        Complete steps, steps whose first record arrived more than ``step_timeout`` before ``now``
+        (the clock's reading by default) with every open step below them, and the oldest steps
+        while more than ``max_open_values`` are held.
+        """
+        if now is None:
+            now = self._clock()
+        complete = self._frontier()
+        limit = complete
+        deadline = now - self._timeout
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] < deadline:
+            _, step, info = arrivals.popleft()
+            if step > limit and self._open.get(step) is info:
+                limit = step
+        timed_out = limit
+        if self._held > self._max_values:
+            limit = self._memory_limit(limit)
+        return self._take(limit, complete, timed_out)
+
+    def take_all(self) -> list[MergedStep]:
+        """Every open step and late record, as ``take_ready`` would return them (for shutdown)."""
+        complete = self._frontier()
+        return self._take(_AFTER_ALL, complete, complete)
+
+    def stats(self) -> MergeStats:
+        joined = sum(1 for state in self._state.values() if state)
+        return MergeStats(
+            open_steps=len(self._open),
+            held_values=self._held,
+            late=self._late,
+            late_dropped=self._late_dropped,
+            conflicts=self._conflicts,
+            steps_written=self._steps_written,
+            steps_timed_out=self._steps_timed_out,
+            steps_forced=self._steps_forced,
+            waited_ranks=joined + self._missing,
+        )
+
+    def _memory_limit(self, limit: int) -> int:
+        remaining = self._held
+        for step in sorted(self._step_heap):
+            if step > limit:
+                if remaining <= self._max_values:
+                    break
+                limit = step
+            remaining -= self._open[step].held
+        return limit
+
+    def _take(self, limit: int, complete: int, timed_out: int) -> list[MergedStep]:
+        taken = []
+        heap = self._step_heap
+        while heap and heap[0] <= limit:
+            step = heapq.heappop(heap)
+            self._held -= self._open.pop(step).held
+            taken.append(step)
+        if not (taken or self._late_chunks or self._late_blobs):
+            return []
+        out: dict[int, MergedStep] = {}
+        if taken:
+            self._steps_written += len(taken)
+            for step in taken:
+                if step > timed_out:
+                    self._steps_forced += 1
+                elif step > complete:
+                    self._steps_timed_out += 1
+            self._take_scalars(taken[-1], out)
+            for step in taken:
+                blobs = self._blobs.pop(step, None)
+                if blobs:
+                    self._merge_blobs(step, blobs, out)
+        if self._late_chunks:
+            self._emit_late_scalars(out)
+        if self._late_blobs:
+            self._emit_late_blobs(out)
+        result = []
+        for step in sorted(out):
+            merged = out[step]
+            if math.isfinite(merged.wall_time):
+                self._last_wall = max(self._last_wall, merged.wall_time)
+            else:  # no valid wall time arrived: the aggregator should have refused it
+                merged.wall_time = self._last_wall
+            result.append(merged)
+        return result
+
+    def _take_scalars(self, last: int, out: dict[int, MergedStep]) -> None:
+        """Reduce and emit every held scalar with step <= ``last``; keep the others."""
+        take, keep = [], []
+        for chunk in self._chunks:
+            if chunk.lo > last:
+                keep.append(chunk)
+            elif chunk.hi <= last:
+                take.append(chunk)
+            else:
+                mask = chunk.steps <= last
+                take.append(chunk.where(mask))
+                keep.append(chunk.where(~mask))
+        self._chunks = keep
+        self._consolidated = len(keep)
+        if not take:
+            return
+        ranks, series, steps, values, walls, lo, hi = _concat(take)
+        m = series.size
+
+        # Sort by (series, step, rank), stably so each rank's records stay in arrival order. One
+        # int64 key sorts faster than lexsort's three passes when the ranges allow it.
+        n_ranks = int(ranks.max()) + 1
+        span = hi - lo + 1
+        if len(self._series) * span * n_ranks < 2**62:
+            group_key = series * span + (steps - lo)
+            key = group_key * n_ranks + ranks
+            order = np.argsort(key, kind="stable")
+            key, group_key = key[order], group_key[order]
+            last_of_rank = np.empty(m, dtype=bool)
+            np.not_equal(key[1:], key[:-1], out=last_of_rank[:-1])
+        else:
+            order = np.lexsort((ranks, steps, series))
+            s, t, r = series[order], steps[order], ranks[order]
+            last_of_rank = np.empty(m, dtype=bool)
+            np.not_equal(s[1:], s[:-1], out=last_of_rank[:-1])
+            last_of_rank[:-1] |= t[1:] != t[:-1]
+            last_of_rank[:-1] |= r[1:] != r[:-1]
+            group_key = None
+        last_of_rank[-1] = True
+        if not last_of_rank.all():  # a rank logged a (series, step) twice: its last value wins
+            order = order[last_of_rank]
+            if group_key is not None:
+                group_key = group_key[last_of_rank]
+        ranks, series, steps = ranks[order], series[order], steps[order]
+        values, walls = values[order], walls[order]
+        m = series.size
+
+        new_group = np.empty(m, dtype=bool)
+        new_group[0] = True
+        if group_key is not None:
+            np.not_equal(group_key[1:], group_key[:-1], out=new_group[1:])
+        else:
+            np.not_equal(series[1:], series[:-1], out=new_group[1:])
+            new_group[1:] |= steps[1:] != steps[:-1]
+        starts = np.flatnonzero(new_group)
+        group_series = series[starts]
+        group_steps = steps[starts]
+
+        # The last step written per series: the last record of each series' run in the order.
+        ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))
+        self._last[series[ends]] = np.maximum(self._last[series[ends]], steps[ends])
+
+        need = int(np.bitwise_or.reduce(self._opbits[group_series]))
+        reduced: list[list[float]] = [[], [], [], []]
+        with np.errstate(all="ignore"):
+            if need & (_BIT[wire_pb2.MEAN] | _BIT[wire_pb2.SUM]):
+                sums = np.add.reduceat(values, starts)
+                reduced[wire_pb2.SUM] = sums.tolist()
+                if need & _BIT[wire_pb2.MEAN]:
+                    counts = np.diff(np.append(starts, m))
+                    reduced[wire_pb2.MEAN] = (sums / counts).tolist()
+            if need & _BIT[wire_pb2.MIN]:
+                reduced[wire_pb2.MIN] = np.minimum.reduceat(values, starts).tolist()
+            if need & _BIT[wire_pb2.MAX]:
+                reduced[wire_pb2.MAX] = np.maximum.reduceat(values, starts).tolist()
+        # Non-finite wall times (refused upstream, normally) take no part in a step's wall time.
+        finite_walls = np.where(np.isfinite(walls), walls, -np.inf)
+        group_walls = np.maximum.reduceat(finite_walls, starts).tolist()
+
+        specs = self._series
+        merged = None
+        for i, (sid, step) in enumerate(zip(group_series.tolist(), group_steps.tolist(), strict=True)):
+            if merged is None or merged.step != step:
+                merged = out.get(step)
+                if merged is None:
+                    merged = out[step] = MergedStep(step, -math.inf, {})
+            wall = group_walls[i]
+            if wall > merged.wall_time:
+                merged.wall_time = wall
+            info = specs[sid]
+            if info.ops:
+                items = merged.outputs.get(info.spec.subrun)
+                if items is None:
+                    items = merged.outputs[info.spec.subrun] = []
+                for op, tag in info.ops:
+                    items.append(ScalarItem(tag, reduced[op][i]))
+
+        per_rank = self._per_rank[series]
+        if np.count_nonzero(per_rank):
+            where = np.flatnonzero(per_rank)
+            rank_runs = self._rank_runs
+            last_sid = last_step = None
+            for sid, step, rank, value in zip(
+                series[where].tolist(),
+                steps[where].tolist(),
+                ranks[where].tolist(),
+                values[where].tolist(),
+                strict=True,
+            ):
+                if sid != last_sid:
+                    info = specs[sid]
+                    tag, prefix, last_sid = info.spec.tag, info.rank_prefix, sid
+                if step != last_step:
+                    outputs, last_step = out[step].outputs, step
+                run = rank_runs.get((prefix, rank)) or self._rank_run(prefix, rank)
+                items = outputs.get(run)
+                if items is None:
+                    items = outputs[run] = []
+                items.append(ScalarItem(tag, value))
+
+    def _rank_run(self, prefix: str, rank: int) -> str:
+        run = self._rank_runs.get((prefix, rank))
+        if run is None:
+            run = self._rank_runs[prefix, rank] = f"{prefix}rank_{rank}"
+        return run
+
+    def _merge_blobs(
+        self, step: int, blobs: dict[tuple[int, int], _Blob], out: dict[int, MergedStep]
+    ) -> None:
+        by_series: dict[int, list[tuple[int, _Blob]]] = {}
+        for (sid, rank), blob in sorted(blobs.items(), key=lambda item: item[0]):
+            by_series.setdefault(sid, []).append((rank, blob))
+        for sid, entries in by_series.items():
+            info = self._series[sid]
+            items = _blob_items(info, entries, labelled=True)
+            if items:
+                _slot(out, step, info.spec.subrun, max(blob.wall for _, blob in entries)).extend(items)
+            if step > self._last[sid]:
+                self._last[sid] = step
+
+    def _emit_late_scalars(self, out: dict[int, MergedStep]) -> None:
+        ranks, series, steps, values, walls, _, _ = _concat(self._late_chunks)
+        self._late_chunks = []
+        # Sorted by (series, rank, step), arrival order kept within; the rank's last value wins.
+        order = np.lexsort((steps, ranks, series))
+        ranks, series, steps = ranks[order], series[order], steps[order]
+        values, walls = values[order], walls[order]
+        last = np.ones(series.size, dtype=bool)
+        last[:-1] = (series[1:] != series[:-1]) | (ranks[1:] != ranks[:-1]) | (steps[1:] != steps[:-1])
+        specs = self._series
+        for sid, rank, step, value, wall in zip(
+            series[last].tolist(),
+            ranks[last].tolist(),
+            steps[last].tolist(),
+            values[last].tolist(),
+            walls[last].tolist(),
+            strict=True,
+        ):
+            if not self._late_step(sid, rank, step):
+                continue
+            info = specs[sid]
+            _slot(out, step, self._rank_run(info.late_prefix, rank), wall).append(
+                ScalarItem(info.spec.tag, value)
+            )
+
+    def _emit_late_blobs(self, out: dict[int, MergedStep]) -> None:
+        blobs = self._late_blobs
+        self._late_blobs = {}
+        for (sid, rank, step), blob in sorted(blobs.items(), key=lambda item: item[0]):
+            if not self._late_step(sid, rank, step):
+                continue
+            info = self._series[sid]
+            items = _blob_items(info, [(rank, blob)], labelled=False)
+            if items:
+                _slot(out, step, self._rank_run(info.late_prefix, rank), blob.wall).extend(items)
+
+    def _late_step(self, sid: int, rank: int, step: int) -> bool:
+        """Whether a late record at ``step`` may go to its late run; counts it dropped if not."""
+        if step <= self._late_last.get((sid, rank), _BEFORE_ALL):
+            self._late_dropped += 1
+            return False
+        self._late_last[sid, rank] = step
+        return True
+
+
+def _slot(out: dict[int, MergedStep], step: int, run: str, wall: float) -> list[Item]:
+    merged = out.get(step)
+    if merged is None:
+        merged = out[step] = MergedStep(step, -math.inf, {})
+    if wall > merged.wall_time:
+        merged.wall_time = wall
+    return merged.outputs.setdefault(run, [])
+
+
+def _blob_items(info: _Series, entries: list[tuple[int, _Blob]], *, labelled: bool) -> list[Item]:
+    """The items of one series at one step from its ranks' blobs, given in rank order.
+
+    Histograms merge; images are gathered and cut to ``max_outputs``; texts are joined, each
+    under a rank label if ``labelled`` (a late run holds one rank's text, written as it is).
+    """
+    spec = info.spec
+    if spec.kind == wire_pb2.HISTOGRAM:
+        merged = Histogram.merge_all(cast(Histogram, blob.payload) for _, blob in entries)
+        return [HistogramItem(spec.tag, merged)]
+    if spec.kind == wire_pb2.IMAGES:
+        images = [image for _, blob in entries for image in cast(tuple[EncodedImage, ...], blob.payload)]
+        return [ImageItem(tag, image) for tag, image in zip(info.image_tags, images, strict=False)]
+    texts = [(rank, cast(str, blob.payload)) for rank, blob in entries]
+    if not labelled:
+        return [TextItem(spec.tag, text) for _, text in texts]
+    return [TextItem(spec.tag, _TEXT_SEPARATOR.join(f"**rank {rank}**\n\n{text}" for rank, text in texts))]
