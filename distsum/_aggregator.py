@@ -1,0 +1,359 @@
+"""The aggregator: one ROUTER socket, every rank's batches in, one run per job out.
+
+One thread does everything, in a loop: receive and check batches (``_wire``), drop the copies it
+already has, hand the records to the job's ``RunMerger``, write the steps that are ready as one
+event per (run path, step) to that run path's event file, and acknowledge. A malformed message is
+counted and logged (one line per cause), never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import FrameType
+
+import numpy as np
+import zmq
+
+from distsum._eventfile import EventFile
+from distsum._histogram import Histogram
+from distsum._image import EncodedImage
+from distsum._merge import MergedStep, RunMerger
+from distsum._proto import event_pb2, wire_pb2
+from distsum._summaries import ScalarItem, to_values
+from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack
+
+__all__ = ["Aggregator", "AggregatorOptions"]
+
+log = logging.getLogger("distsum.aggregator")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorOptions:
+    logdir: str
+    bind: str = "tcp://127.0.0.1:0"
+    world_size: int | None = None
+    step_timeout: float = 30.0
+    # A rank silent for this long (no batch, not even a heartbeat) is no longer waited for.
+    rank_timeout: float = 30.0
+    # Embedded mode: exit once every rank of the world has finished.
+    exit_when_done: bool = False
+    # Embedded mode: exit when this process is gone and every rank has been silent for a while.
+    parent_pid: int | None = None
+    status_interval: float = 5.0
+
+
+@dataclass
+class _Stream:
+    run: str
+    rank: int
+    identity: bytes
+    received: int = 0
+    durable: int = 0
+    acked: tuple[int, int] = (0, 0)
+    last_seen: float = 0.0
+    finished: bool = False
+    # Step -> the lowest seq with records at that step, for steps not yet written.
+    open_steps: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    merger: RunMerger
+    world_size: int = 0
+    files: dict[str, EventFile] = field(default_factory=dict)
+    last_health_step: int = -1
+
+
+class Aggregator:
+    """Receives batches on ``options.bind`` and writes runs under ``options.logdir``."""
+
+    def __init__(self, options: AggregatorOptions) -> None:
+        self.options = options
+        self.root = os.path.abspath(options.logdir)
+        os.makedirs(self.root, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise PermissionError(f"logdir {self.root} is not writable")
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        self._socket.setsockopt(zmq.SNDHWM, 100_000)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._socket.bind(options.bind)
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._runs: dict[str, _Run] = {}
+        self._streams: dict[tuple[str, int, int], _Stream] = {}
+        self._stop = threading.Event()
+        self.malformed: Counter[str] = Counter()
+        self.records = 0
+        self.duplicates = 0
+        self._records_at_status = 0
+        self._status_time = time.monotonic()
+        self._rate = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Run until ``stop()`` (or, embedded, until the job is done); write out everything held."""
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if poller.poll(50):
+                    for _ in range(1000):
+                        try:
+                            identity, frame = self._socket.recv_multipart(zmq.NOBLOCK)[-2:]
+                        except zmq.Again:
+                            break
+                        except ValueError:
+                            self._malformed("bad framing", b"?", "not two frames")
+                            continue
+                        self._handle(identity, frame)
+                now = time.monotonic()
+                self._check_liveness(now)
+                self._write(take_all=False)
+                self._acknowledge()
+                self._status(now)
+                if self._done(now):
+                    break
+        finally:
+            self._write(take_all=True)
+            self._acknowledge()
+            for run in self._runs.values():
+                for f in run.files.values():
+                    f.close()
+            self._socket.close(linger=0)
+            self._context.term()
+
+    # --- input ---------------------------------------------------------------------------------
+
+    def _malformed(self, cause: str, identity: bytes, detail: str) -> None:
+        if not self.malformed[cause]:
+            log.warning(
+                "dropping malformed message from peer %s (%s); counting the rest", identity.hex(), detail
+            )
+        self.malformed[cause] += 1
+
+    def _handle(self, identity: bytes, frame: bytes) -> None:
+        try:
+            batch = decode_batch(frame)
+        except WireError as e:
+            self._malformed(e.cause, identity, str(e))
+            return
+        origin = batch.origin
+        key = (origin.run, origin.rank, origin.stream)
+        stream = self._streams.get(key)
+        run = self._run(origin.run, origin.world_size)
+        if stream is None:
+            stream = self._streams[key] = _Stream(origin.run, origin.rank, identity)
+            run.merger.rank_joined(origin.rank)
+            log.info(
+                "rank %d of run %r joined (pid %d on %s)",
+                origin.rank,
+                origin.run or ".",
+                origin.pid,
+                origin.host,
+            )
+        stream.identity = identity
+        stream.last_seen = time.monotonic()
+        if batch.seq <= stream.received:
+            self.duplicates += 1
+            stream.acked = (-1, -1)  # acknowledge again: the rank missed the earlier one
+            return
+        if batch.seq != stream.received + 1:
+            return  # a gap: the rank resends from its first unacknowledged batch
+        try:
+            self._add(run.merger, origin.rank, batch, stream)
+        except (ValueError, TypeError) as e:
+            self._malformed("bad records", identity, str(e))
+        stream.received = batch.seq
+        if batch.flush:
+            run.merger.rank_flushed(origin.rank)
+        if batch.finish:
+            stream.finished = True
+            run.merger.rank_left(origin.rank)
+
+    def _run(self, name: str, world_size: int) -> _Run:
+        run = self._runs.get(name)
+        if run is None:
+            size = self.options.world_size or world_size or None
+            run = self._runs[name] = _Run(
+                RunMerger(step_timeout=self.options.step_timeout, world_size=size), size or 0
+            )
+        elif world_size and not self.options.world_size and world_size != run.world_size:
+            run.world_size = world_size
+            run.merger.set_world_size(world_size)
+        return run
+
+    def _add(self, merger: RunMerger, rank: int, batch: wire_pb2.Batch, stream: _Stream) -> None:
+        ids = [merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in batch.series]
+        steps: set[int] = set()
+        if batch.scalar_series:
+            series = np.asarray(ids, dtype=np.int64)[np.asarray(batch.scalar_series, dtype=np.int64)]
+            step_array = np.asarray(batch.scalar_step, dtype=np.int64)
+            merger.add_scalars(
+                rank,
+                series,
+                step_array,
+                np.asarray(batch.scalar_value, dtype=np.float64),
+                np.asarray(batch.scalar_wall_time, dtype=np.float64),
+            )
+            steps.update(np.unique(step_array).tolist())
+            self.records += len(step_array)
+        for h in batch.histograms:
+            histogram = Histogram.from_parts(
+                np.asarray(h.index, dtype=np.int64),
+                np.asarray(h.count, dtype=np.int64),
+                min=h.min,
+                max=h.max,
+                sum=h.sum,
+                sum_squares=h.sum_squares,
+                nan=h.nan,
+                posinf=h.posinf,
+                neginf=h.neginf,
+            )
+            merger.add_histogram(rank, ids[h.series], h.step, histogram, h.wall_time)
+            steps.add(h.step)
+        for im in batch.images:
+            images = [EncodedImage(i.height, i.width, i.colorspace, i.png) for i in im.image]
+            merger.add_images(rank, ids[im.series], im.step, images, im.wall_time)
+            steps.add(im.step)
+        for t in batch.texts:
+            merger.add_text(rank, ids[t.series], t.step, t.text, t.wall_time)
+            steps.add(t.step)
+        self.records += len(batch.histograms) + len(batch.images) + len(batch.texts)
+        for step in steps:
+            stream.open_steps.setdefault(step, batch.seq)
+
+    def _check_liveness(self, now: float) -> None:
+        for stream in self._streams.values():
+            if not stream.finished and now - stream.last_seen > self.options.rank_timeout:
+                log.warning(
+                    "rank %d of run %r silent for %.0f s: no longer waiting for it",
+                    stream.rank,
+                    stream.run or ".",
+                    now - stream.last_seen,
+                )
+                stream.finished = True
+                self._runs[stream.run].merger.rank_left(stream.rank)
+
+    def _done(self, now: float) -> bool:
+        if self.options.exit_when_done and self._streams:
+            sizes = [r.merger.stats().waited_ranks for r in self._runs.values()]
+            if all(s.finished for s in self._streams.values()) and not any(sizes):
+                return True
+        parent = self.options.parent_pid
+        if parent is not None and not _alive(parent):
+            quiet = all(now - s.last_seen > 5 for s in self._streams.values())
+            return quiet
+        return False
+
+    # --- output --------------------------------------------------------------------------------
+
+    def _write(self, *, take_all: bool) -> None:
+        for name, run in self._runs.items():
+            steps = run.merger.take_all() if take_all else run.merger.take_ready()
+            if not steps:
+                continue
+            self._add_health(run, steps)
+            payloads: dict[str, list[bytes]] = {}
+            for merged in steps:
+                for path, items in merged.outputs.items():
+                    event = event_pb2.Event(wall_time=merged.wall_time, step=merged.step)
+                    event.summary.value.extend(to_values(items))
+                    payloads.setdefault(path, []).append(event.SerializeToString())
+            for path, data in payloads.items():
+                self._file(name, run, path).write(data)
+            last = max(m.step for m in steps)
+            for stream in self._streams.values():
+                if stream.run == name:
+                    for step in [s for s in stream.open_steps if s <= last]:
+                        del stream.open_steps[step]
+
+    def _file(self, name: str, run: _Run, path: str) -> EventFile:
+        f = run.files.get(path)
+        if f is None:
+            f = run.files[path] = EventFile(os.path.join(self.root, name, path))
+        return f
+
+    def _add_health(self, run: _Run, steps: list[MergedStep]) -> None:
+        """The aggregator's own series under ``distsum/``, at the last step written this time."""
+        last = steps[-1]
+        if last.step <= run.last_health_step:
+            return
+        run.last_health_step = last.step
+        stats = run.merger.stats()
+        alive = sum(1 for s in self._streams.values() if not s.finished)
+        dropped = stats.late_dropped + stats.conflicts + sum(self.malformed.values())
+        health = [
+            ScalarItem("distsum/ranks_alive", float(alive)),
+            ScalarItem("distsum/records_per_second", self._rate),
+            ScalarItem("distsum/late_records", float(stats.late)),
+            ScalarItem("distsum/dropped_records", float(dropped)),
+            ScalarItem("distsum/open_steps", float(stats.open_steps)),
+        ]
+        last.outputs.setdefault("", []).extend(health)
+
+    def _acknowledge(self) -> None:
+        for (run, _rank, stream_id), stream in self._streams.items():
+            stream.durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
+            if stream.acked != (stream.received, stream.durable):
+                size = self._runs[run].world_size
+                try:
+                    self._socket.send_multipart(
+                        [stream.identity, encode_ack(stream_id, stream.received, stream.durable, size)],
+                        zmq.NOBLOCK,
+                    )
+                except zmq.ZMQError:
+                    continue  # the rank is gone or slow; it resends and gets a new ack
+                stream.acked = (stream.received, stream.durable)
+
+    def _status(self, now: float) -> None:
+        elapsed = now - self._status_time
+        if elapsed < 1.0:
+            return
+        self._rate = (self.records - self._records_at_status) / elapsed
+        self._records_at_status, self._status_time = self.records, now
+        alive = sum(1 for s in self._streams.values() if not s.finished)
+        written = sum(r.merger.stats().steps_written for r in self._runs.values())
+        late = sum(r.merger.stats().late for r in self._runs.values())
+        line = (
+            f"ranks alive {alive}  steps written {written}  records/s {self._rate:,.0f}  "
+            f"late {late}  dropped {sum(self.malformed.values())}  duplicates {self.duplicates}"
+        )
+        if sys.stderr.isatty():
+            sys.stderr.write("\r" + line + "\x1b[K")
+            sys.stderr.flush()
+        elif math.floor(now / self.options.status_interval) != math.floor(
+            (now - elapsed) / self.options.status_interval
+        ):
+            log.info("%s", line)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def install_signal_handlers(aggregator: Aggregator) -> None:
+    """SIGINT and SIGTERM stop the loop; ``serve`` then writes out everything it holds."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        aggregator.stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

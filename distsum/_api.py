@@ -1,0 +1,293 @@
+"""``distsum.init()`` and the module-level logging calls every rank makes.
+
+Rank and world size come from the arguments, else from the launcher's environment (torchrun,
+Open MPI, MPICH/Intel MPI, Slurm), else rank 0 of 1. Without an aggregator address, rank 0 starts
+the **embedded** aggregator for the job, listening on an ``ipc://`` path derived from the run
+directory and the job id, so the other ranks on the machine find it with no configuration.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from distsum import _validate
+from distsum._client import HISTOGRAM, IMAGES, SCALAR, TEXT, Client, ClientOptions
+from distsum._errors import DistsumError
+from distsum._image import prepare_images
+from distsum._proto import wire_pb2
+from distsum._wire import check_run_name
+
+__all__ = ["Writer", "finish", "flush", "histogram", "image", "init", "run_dir", "scalar", "text", "writer"]
+
+_REDUCE = {
+    "mean": wire_pb2.MEAN,
+    "sum": wire_pb2.SUM,
+    "min": wire_pb2.MIN,
+    "max": wire_pb2.MAX,
+    "none": wire_pb2.NONE,
+}
+
+# (rank variable, world size variable, local rank variable) of each launcher, in priority order.
+_LAUNCHERS = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH, Intel MPI
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # Slurm
+)
+_JOB_IDS = ("TORCHELASTIC_RUN_ID", "OMPI_MCA_orte_hnp_uri", "PMIX_NAMESPACE", "SLURM_JOB_ID", "PMI_ID")
+
+
+class _State:
+    def __init__(self, client: Client, run_dir: str | None, aggregator: subprocess.Popen[bytes] | None):
+        self.client = client
+        self.run_dir = run_dir
+        self.aggregator = aggregator
+
+
+_state: _State | None = None
+_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _launcher_env() -> tuple[int | None, int | None]:
+    for rank_var, size_var, _ in _LAUNCHERS:
+        if rank_var in os.environ:
+            size = os.environ.get(size_var)
+            return int(os.environ[rank_var]), int(size) if size else None
+    return None, None
+
+
+def _job_id() -> str | None:
+    for name in _JOB_IDS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _embedded_address(run_dir: str, job: str | None) -> str:
+    # Every rank derives the same path from what it already knows, without talking to the others.
+    digest = hashlib.sha1(f"{os.path.abspath(run_dir)}\0{job or ''}".encode()).hexdigest()[:20]
+    return f"ipc://{tempfile.gettempdir()}/distsum-{digest}.sock"
+
+
+def init(
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    logdir: str | os.PathLike[str] | None = None,
+    addr: str | None = None,
+    run: str | None = None,
+    **options: Any,
+) -> None:
+    """Connect this rank to the job's aggregator (starting the embedded one on rank 0 if needed).
+
+    ``logdir`` is the run directory in embedded mode (default ``runs/<job id>``); with a running
+    aggregator (``addr`` or ``DISTSUM_ADDR``), ``run`` (or ``DISTSUM_RUN``, else the launcher's
+    job id) names the run below the aggregator's logdir. ``options`` are ``ClientOptions`` fields
+    plus ``step_timeout`` for the embedded aggregator.
+    """
+    global _state, _atexit_registered
+    env_rank, env_size = _launcher_env()
+    rank = env_rank if rank is None else rank
+    rank = 0 if rank is None else rank
+    if world_size is None:
+        world_size = env_size if env_rank is not None or env_size is not None else None
+        if world_size is None and rank == 0 and env_rank is None:
+            world_size = 1
+    if not isinstance(rank, int) or rank < 0 or (world_size is not None and not 0 <= rank < world_size):
+        raise ValueError(f"rank {rank!r} is not in a world of size {world_size!r}")
+    step_timeout = float(options.pop("step_timeout", 30.0))
+    client_options = ClientOptions(**options)
+    job = _job_id()
+    addr = addr or os.environ.get("DISTSUM_ADDR")
+    with _lock:
+        if _state is not None and os.getpid() == _pid_of(_state):
+            raise DistsumError("distsum.init() was already called in this process; call finish() first")
+        aggregator = None
+        if addr is None:
+            run_dir = os.fspath(logdir) if logdir is not None else os.environ.get("DISTSUM_LOGDIR")
+            if run_dir is None:
+                if job is None and (world_size or 1) > 1:
+                    raise ValueError("pass logdir= to distsum.init(): no launcher job id to name the run")
+                run_dir = os.path.join("runs", job or time.strftime("%Y%m%d-%H%M%S"))
+            run_dir = os.path.abspath(run_dir)
+            addr = _embedded_address(run_dir, job)
+            run_name = ""
+            if rank == 0:
+                aggregator = _start_aggregator(run_dir, addr, world_size, step_timeout)
+        else:
+            run_dir = None
+            run_name = check_run_name(run or os.environ.get("DISTSUM_RUN") or job or "")
+            if not run_name:
+                raise ValueError("pass run= to distsum.init() (or set DISTSUM_RUN): no launcher job id")
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        client = Client(
+            addr, run=run_name, rank=rank, world_size=world_size, restart=restart, options=client_options
+        )
+        _state = _State(client, run_dir, aggregator)
+        if not _atexit_registered:
+            atexit.register(_finish_at_exit)
+            _atexit_registered = True
+
+
+def _pid_of(state: _State) -> int:
+    return state.client._origin.pid
+
+
+def _start_aggregator(
+    run_dir: str, addr: str, world_size: int | None, step_timeout: float
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "distsum.aggregator",
+        "--logdir",
+        run_dir,
+        "--bind",
+        addr,
+        "--step-timeout",
+        str(step_timeout),
+        "--exit-when-done",
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    if world_size:
+        command += ["--world-size", str(world_size)]
+    # Its own session: a Ctrl-C meant for the training job must not cut the aggregator off
+    # before the ranks' last records are written; it exits when the job is done.
+    return subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+def _client() -> Client:
+    state = _state
+    if state is None:
+        raise DistsumError("call distsum.init() before logging")
+    return state.client
+
+
+_scalar_keys: dict[tuple[str, str, Any], tuple[Any, ...]] = {}
+
+
+def _scalar_key(subrun: str, tag: str, reduce: Any) -> tuple[Any, ...]:
+    cache_key = (subrun, tag, reduce)
+    key = _scalar_keys.get(cache_key)
+    if key is None:
+        _validate.check_tag(tag)
+        ops = (reduce,) if isinstance(reduce, str) else reduce
+        if not isinstance(ops, tuple) or not ops or not all(op in _REDUCE for op in ops):
+            raise ValueError(
+                f"reduce for tag {tag!r} must be one of {sorted(_REDUCE)} or a tuple of them, got {reduce!r}"
+            )
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"reduce for tag {tag!r} repeats an operation: {reduce!r}")
+        key = _scalar_keys[cache_key] = (SCALAR, subrun, tag, tuple(_REDUCE[op] for op in ops), 0)
+    return key
+
+
+class Writer:
+    """The logging calls, writing to one sub-run of the job's run (``distsum.writer(name)``)."""
+
+    def __init__(self, subrun: str = "") -> None:
+        self.subrun = check_run_name(subrun, "sub-run")
+
+    def scalar(self, tag: str, value: Any, step: int, *, reduce: str | tuple[str, ...] = "mean") -> None:
+        """Log a scalar; across ranks it is reduced with ``reduce`` (mean, sum, min, max, none)."""
+        key = _scalar_key(self.subrun, tag, reduce)
+        if type(value) is not float:
+            value = _validate.as_scalar(value, tag)
+        if type(step) is not int or step < 0:
+            step = _validate.check_step(step, tag)
+        _client().add((key, step, value, time.time()))
+
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        """Log a histogram; across ranks, the histogram of all ranks' values together."""
+        _validate.check_tag(tag)
+        step = _validate.check_step(step, tag)
+        array = _validate.as_array(values, tag, "histogram values")
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"histogram values for tag {tag!r} must be real numbers, got dtype {array.dtype}")
+        # A copy: the training loop may change its array before the sender thread buckets it.
+        _client().add(((HISTOGRAM, self.subrun, tag, (), 0), step, np.array(array, copy=True), time.time()))
+
+    def image(
+        self, tag: str, images: Any, step: int, *, max_outputs: int = 3, dataformats: str = "NHWC"
+    ) -> None:
+        """Log images (uint8, or float in [0, 1]); across ranks, gathered in rank order."""
+        _validate.check_tag(tag)
+        step = _validate.check_step(step, tag)
+        array = _validate.as_array(images, tag, "images")
+        pixels = prepare_images(array, tag=tag, dataformats=dataformats, max_outputs=max_outputs)
+        _client().add(((IMAGES, self.subrun, tag, (), max_outputs), step, pixels, time.time()))
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Log Markdown text; across ranks, gathered in rank order, each labelled with its rank."""
+        _validate.check_tag(tag)
+        step = _validate.check_step(step, tag)
+        if not isinstance(text, str):
+            raise TypeError(f"text for tag {tag!r} must be a str, got {type(text).__name__}")
+        _client().add(((TEXT, self.subrun, tag, (), 0), step, text, time.time()))
+
+
+_root = Writer()
+scalar = _root.scalar
+histogram = _root.histogram
+image = _root.image
+text = _root.text
+
+
+def writer(name: str) -> Writer:
+    """The logging calls for sub-run ``<run>/<name>``, e.g. ``distsum.writer("test")``."""
+    return Writer(name)
+
+
+def flush(timeout: float | None = 30.0) -> bool:
+    """True once the aggregator holds everything this rank logged before the call."""
+    return _client().flush(timeout)
+
+
+def finish(timeout: float | None = 30.0) -> bool:
+    """Flush, wait (at most ``timeout``) until it is written, and disconnect. Safe to call twice.
+
+    On rank 0 with the embedded aggregator, also waits (within the same timeout) for the
+    aggregator to finish writing the other ranks' records.
+    """
+    global _state
+    with _lock:
+        state = _state
+        if state is None or os.getpid() != _pid_of(state):
+            return True
+        _state = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ok = state.client.close(timeout)
+    if state.aggregator is not None:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            state.aggregator.wait(remaining)
+        except subprocess.TimeoutExpired:
+            state.aggregator.terminate()  # it writes out everything it holds on SIGTERM
+            state.aggregator.wait()
+            ok = False
+    return ok
+
+
+def _finish_at_exit() -> None:
+    finish(timeout=float(os.environ.get("DISTSUM_FINISH_TIMEOUT", "30")))
+
+
+def run_dir() -> str | None:
+    """The run directory of the embedded aggregator (None with a standalone one)."""
+    state = _state
+    return None if state is None else state.run_dir

@@ -1,0 +1,301 @@
+"""The rank side: records go on a queue in the training thread; one thread batches and sends them.
+
+The training thread only validates and appends a tuple to a deque (thread-safe without a lock).
+The sender thread owns the ZeroMQ socket: it drains the deque every ``batch_interval``, does the
+expensive work there (histogram bucketing, PNG encoding, protobuf), numbers each batch, sends it,
+and keeps it until the aggregator acknowledges it as durable, resending what was not
+acknowledged. So a batch lost with a connection or an aggregator is sent again, and the
+aggregator drops the copies it already has by (run, rank, stream, seq).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from distsum._errors import DistsumError
+from distsum._histogram import Histogram
+from distsum._image import encode_png
+from distsum._proto import wire_pb2
+from distsum._wire import WireError, decode_ack, encode_batch
+
+__all__ = ["Client", "ClientOptions"]
+
+log = logging.getLogger("distsum")
+
+SCALAR, HISTOGRAM, IMAGES, TEXT = wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.IMAGES, wire_pb2.TEXT
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientOptions:
+    # Records waiting in the training process before the sender takes them; beyond it, new
+    # records are dropped and counted rather than letting memory grow or the training block.
+    max_buffered: int = 2_000_000
+    batch_interval: float = 0.01
+    max_batch_records: int = 100_000
+    # Without any acknowledgement for this long, everything unacknowledged is sent again.
+    resend_after: float = 1.0
+    # An empty batch at least this often, so the aggregator knows the rank is alive.
+    heartbeat: float = 1.0
+
+
+class _Marker:
+    """A flush or finish request in the record queue; ``seq`` is the batch that carried it."""
+
+    __slots__ = ("finish", "seq")
+
+    def __init__(self, finish: bool) -> None:
+        self.finish = finish
+        self.seq: int | None = None
+
+
+class Client:
+    """One rank's connection to the aggregator.
+
+    A series key is ``(kind, subrun, tag, reduce, max_outputs)``; ``add`` takes
+    ``(key, step, payload, wall_time)`` where payload is a float (scalar), a float64 or float32
+    array (histogram values, bucketed on the sender thread), a list of HWC uint8 arrays (images),
+    or a str (text).
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        run: str,
+        rank: int,
+        world_size: int | None,
+        restart: int = 0,
+        options: ClientOptions | None = None,
+    ) -> None:
+        self.addr = addr
+        self.options = options or ClientOptions()
+        self._origin = wire_pb2.Origin(
+            run=run,
+            rank=rank,
+            world_size=world_size or 0,
+            stream=random.SystemRandom().getrandbits(63) + 1,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            restart=restart,
+        )
+        self._pid = os.getpid()
+        self._queue: collections.deque[Any] = collections.deque()
+        self.dropped = 0
+        self._warned = False
+        self._seq = 0
+        self._unacked: dict[int, bytes] = {}
+        self._received = 0
+        self._durable = 0
+        self.world_size = world_size
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._stop = False
+        self._closed = False
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        # Explicit limits: pyzmq's defaults block the sender at the high-water mark and make
+        # close hang on unsent messages.
+        self._socket.setsockopt(zmq.SNDHWM, 10_000)
+        self._socket.setsockopt(zmq.RCVHWM, 10_000)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.connect(addr)
+        self._thread = threading.Thread(target=self._run, name="distsum-sender", daemon=True)
+        self._thread.start()
+
+    @property
+    def stream(self) -> int:
+        return self._origin.stream
+
+    # --- training thread ------------------------------------------------------------------------
+
+    def add(self, record: tuple[Any, int, Any, float]) -> None:
+        if self._pid != os.getpid():
+            raise DistsumError(
+                "distsum was initialised in a parent process; call distsum.init() in this child"
+            )
+        if self._closed:
+            raise DistsumError("distsum.finish() was called; call distsum.init() to log again")
+        if len(self._queue) >= self.options.max_buffered:
+            self.dropped += 1
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "distsum: more than %d records waiting to be sent; dropping new records",
+                    self.options.max_buffered,
+                )
+            return
+        self._queue.append(record)
+
+    def flush(self, timeout: float | None, *, finish: bool = False) -> bool:
+        """Wait until the aggregator holds everything added before this call (durable if finish)."""
+        if self._closed:
+            return True
+        marker = _Marker(finish)
+        self._queue.append(marker)
+        self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def done() -> bool:
+            if marker.seq is None:
+                return False
+            return (self._durable if finish else self._received) >= marker.seq
+
+        with self._cond:
+            while not done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if not self._thread.is_alive():
+                    return False
+                self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+        return True
+
+    def close(self, timeout: float | None) -> bool:
+        """Send everything, wait (bounded) until it is durable, and close the socket."""
+        if self._closed or self._pid != os.getpid():
+            return True
+        ok = self.flush(timeout, finish=True)
+        self._closed = True
+        self._stop = True
+        self._wake.set()
+        self._thread.join()
+        self._socket.close(linger=0)
+        self._context.term()
+        return ok
+
+    # --- sender thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_sent = last_progress = time.monotonic()
+        while not self._stop:
+            self._wake.wait(self.options.batch_interval)
+            self._wake.clear()
+            now = time.monotonic()
+            while self._queue or now - last_sent >= self.options.heartbeat:
+                records, markers = self._drain()
+                batch = self._build(records, markers)
+                self._seq += 1
+                batch.seq = self._seq
+                data = encode_batch(batch)
+                self._unacked[self._seq] = data
+                for marker in markers:
+                    marker.seq = self._seq
+                self._send(data)
+                last_sent = now
+                if len(records) < self.options.max_batch_records:
+                    break
+            if self._receive_acks():
+                last_progress = now
+            if self._unacked and now - last_progress >= self.options.resend_after:
+                for data in self._unacked.values():
+                    self._send(data)
+                last_progress = now
+
+    def _drain(self) -> tuple[list[Any], list[_Marker]]:
+        records: list[Any] = []
+        markers: list[_Marker] = []
+        queue, limit = self._queue, self.options.max_batch_records
+        while queue and len(records) < limit:
+            item = queue.popleft()
+            if isinstance(item, _Marker):
+                markers.append(item)
+                break  # a flush covers what came before it; the rest goes in the next batch
+            records.append(item)
+        return records, markers
+
+    def _build(self, records: list[Any], markers: list[_Marker]) -> wire_pb2.Batch:
+        batch = wire_pb2.Batch()
+        batch.origin.CopyFrom(self._origin)
+        series: dict[Any, int] = {}
+        scalar_series, scalar_step, scalar_value, scalar_time = [], [], [], []
+        for key, step, payload, wall in records:
+            index = series.get(key)
+            if index is None:
+                index = series[key] = len(series)
+                kind, subrun, tag, reduce, max_outputs = key
+                batch.series.add(subrun=subrun, tag=tag, kind=kind, reduce=reduce, max_outputs=max_outputs)
+            kind = key[0]
+            if kind == SCALAR:
+                scalar_series.append(index)
+                scalar_step.append(step)
+                scalar_value.append(payload)
+                scalar_time.append(wall)
+            elif kind == HISTOGRAM:
+                histogram = Histogram.from_values(payload, tag=key[2])
+                indices, counts = histogram.to_sparse()
+                batch.histograms.add(
+                    series=index,
+                    step=step,
+                    wall_time=wall,
+                    index=indices.tolist(),
+                    count=counts.tolist(),
+                    min=histogram.min,
+                    max=histogram.max,
+                    sum=histogram.sum,
+                    sum_squares=histogram.sum_squares,
+                    nan=histogram.nan,
+                    posinf=histogram.posinf,
+                    neginf=histogram.neginf,
+                )
+            elif kind == IMAGES:
+                images = batch.images.add(series=index, step=step, wall_time=wall)
+                for pixels in payload:
+                    encoded = encode_png(pixels)
+                    images.image.add(
+                        height=encoded.height,
+                        width=encoded.width,
+                        colorspace=encoded.colorspace,
+                        png=encoded.png,
+                    )
+            else:
+                batch.texts.add(series=index, step=step, wall_time=wall, text=payload)
+        batch.scalar_series.extend(scalar_series)
+        batch.scalar_step.extend(scalar_step)
+        batch.scalar_value.extend(scalar_value)
+        batch.scalar_wall_time.extend(scalar_time)
+        batch.flush = bool(markers)
+        batch.finish = any(m.finish for m in markers)
+        return batch
+
+    def _send(self, data: bytes) -> None:
+        # Not connected, or the pipe is full: the batch stays unacknowledged and is resent.
+        with contextlib.suppress(zmq.Again):
+            self._socket.send(data, zmq.NOBLOCK)
+
+    def _receive_acks(self) -> bool:
+        progress = False
+        while True:
+            try:
+                frame = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                ack = decode_ack(frame)
+            except WireError as e:
+                log.warning("distsum: ignoring a malformed acknowledgement: %s", e)
+                continue
+            if ack.stream != self._origin.stream:
+                continue
+            with self._cond:
+                if ack.received > self._received or ack.durable > self._durable:
+                    progress = True
+                self._received = max(self._received, min(ack.received, self._seq))
+                self._durable = max(self._durable, min(ack.durable, self._received))
+                for seq in [s for s in self._unacked if s <= self._durable]:
+                    del self._unacked[seq]
+                if ack.world_size:
+                    self.world_size = ack.world_size
+                self._cond.notify_all()
+        return progress

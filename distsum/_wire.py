@@ -1,0 +1,145 @@
+"""The wire between a rank's client and the aggregator: framing, versions, validation.
+
+Messages are ``wire_pb2.Envelope`` protos (``distsum/_proto/wire.proto``; ``docs/protocol.md``),
+one per ZeroMQ frame. This module has no sockets: the client and the aggregator both use it, and
+it is where everything that arrives from the network is checked before anything trusts it.
+"""
+
+from __future__ import annotations
+
+from distsum import _validate
+from distsum._proto import wire_pb2
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "PROTOCOL_VERSION",
+    "WireError",
+    "check_run_name",
+    "decode_ack",
+    "decode_batch",
+    "encode_ack",
+    "encode_batch",
+]
+
+PROTOCOL_VERSION = 1
+# The aggregator refuses larger frames (ZMQ_MAXMSGSIZE); clients split batches well below it.
+MAX_MESSAGE_BYTES = 64 << 20
+MAX_RANK = (1 << 24) - 1
+MAX_IMAGES = 1000
+_KINDS = {wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.IMAGES, wire_pb2.TEXT}
+_REDUCES = {wire_pb2.MEAN, wire_pb2.SUM, wire_pb2.MIN, wire_pb2.MAX, wire_pb2.NONE}
+
+
+class WireError(ValueError):
+    """A message that is not a valid distsum message; ``cause`` is a short label for counting."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(f"{cause}: {detail}")
+        self.cause = cause
+
+
+def check_run_name(name: object, what: str = "run") -> str:
+    """A run or sub-run name: a relative path of plain components ('' is the run itself)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name must be a str, got {type(name).__name__} {name!r}")
+    if name == "":
+        return name
+    if len(name) > 1024 or "\x00" in name or "\\" in name or name.startswith("/"):
+        raise ValueError(f"{what} name {name!r} must be a relative path without NUL or backslash")
+    for part in name.split("/"):
+        if part in ("", ".", "..") or part.startswith("."):
+            raise ValueError(f"{what} name {name!r} has an unusable component {part!r}")
+    return name
+
+
+def encode_ack(stream: int, received: int, durable: int, world_size: int) -> bytes:
+    envelope = wire_pb2.Envelope(version=PROTOCOL_VERSION)
+    ack = envelope.ack
+    ack.stream, ack.received, ack.durable, ack.world_size = stream, received, durable, world_size
+    return envelope.SerializeToString()
+
+
+def encode_batch(batch: wire_pb2.Batch) -> bytes:
+    envelope = wire_pb2.Envelope(version=PROTOCOL_VERSION)
+    envelope.batch.CopyFrom(batch)
+    return envelope.SerializeToString()
+
+
+def _envelope(frame: bytes) -> wire_pb2.Envelope:
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise WireError("too large", f"{len(frame)} bytes")
+    try:
+        envelope = wire_pb2.Envelope.FromString(frame)
+    except Exception as e:  # protobuf raises DecodeError, and others on some malformed input
+        raise WireError("unparseable", str(e) or type(e).__name__) from None
+    if envelope.version != PROTOCOL_VERSION:
+        raise WireError("wrong version", f"version {envelope.version}, expected {PROTOCOL_VERSION}")
+    return envelope
+
+
+def decode_ack(frame: bytes) -> wire_pb2.Ack:
+    envelope = _envelope(frame)
+    if envelope.WhichOneof("body") != "ack":
+        raise WireError("not an ack", str(envelope.WhichOneof("body")))
+    return envelope.ack
+
+
+def decode_batch(frame: bytes) -> wire_pb2.Batch:
+    """Parse and check one batch from the network; raise WireError for anything malformed."""
+    envelope = _envelope(frame)
+    if envelope.WhichOneof("body") != "batch":
+        raise WireError("not a batch", str(envelope.WhichOneof("body")))
+    batch = envelope.batch
+    origin = batch.origin
+    try:
+        check_run_name(origin.run)
+    except ValueError as e:
+        raise WireError("bad run name", str(e)) from None
+    if origin.rank > MAX_RANK or origin.world_size > MAX_RANK + 1:
+        raise WireError("bad rank", f"rank {origin.rank} of {origin.world_size}")
+    if origin.world_size and origin.rank >= origin.world_size:
+        raise WireError("bad rank", f"rank {origin.rank} of {origin.world_size}")
+    if batch.seq < 1:
+        raise WireError("bad sequence number", str(batch.seq))
+    for spec in batch.series:
+        _check_series(spec)
+    n = len(batch.scalar_series)
+    if not len(batch.scalar_step) == len(batch.scalar_value) == len(batch.scalar_wall_time) == n:
+        raise WireError("bad scalars", "columns of different lengths")
+    nseries = len(batch.series)
+    kinds = [spec.kind for spec in batch.series]
+    if n and (max(batch.scalar_series) >= nseries or min(batch.scalar_step) < 0):
+        raise WireError("bad scalars", "series index out of range or negative step")
+    if any(kinds[i] != wire_pb2.SCALAR for i in set(batch.scalar_series)):
+        raise WireError("bad scalars", "series of another kind")
+    for records, kind in (
+        (batch.histograms, wire_pb2.HISTOGRAM),
+        (batch.images, wire_pb2.IMAGES),
+        (batch.texts, wire_pb2.TEXT),
+    ):
+        for record in records:
+            if record.series >= nseries or kinds[record.series] != kind or record.step < 0:
+                raise WireError("bad record", f"series {record.series}, step {record.step}")
+    for images in batch.images:
+        if not 0 < len(images.image) <= MAX_IMAGES:
+            raise WireError("bad images", f"{len(images.image)} images")
+        for image in images.image:
+            if image.height <= 0 or image.width <= 0 or image.colorspace not in (1, 2, 3, 4):
+                raise WireError("bad images", f"{image.height}x{image.width}x{image.colorspace}")
+    return batch
+
+
+def _check_series(spec: wire_pb2.Series) -> None:
+    try:
+        check_run_name(spec.subrun, "sub-run")
+        _validate.check_tag(spec.tag)
+    except (TypeError, ValueError) as e:
+        raise WireError("bad series", str(e)) from None
+    if spec.kind not in _KINDS:
+        raise WireError("bad series", f"kind {spec.kind}")
+    if spec.kind == wire_pb2.SCALAR and (not spec.reduce or not set(spec.reduce) <= _REDUCES):
+        raise WireError("bad series", f"reduce {list(spec.reduce)}")
+    if len(spec.reduce) != len(set(spec.reduce)):
+        raise WireError("bad series", f"reduce {list(spec.reduce)} repeats")
+    if spec.kind == wire_pb2.IMAGES and not 0 < spec.max_outputs <= MAX_IMAGES:
+        raise WireError("bad series", f"max_outputs {spec.max_outputs}")

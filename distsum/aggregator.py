@@ -1,0 +1,62 @@
+"""``distsum-aggregator``: the daemon that merges every rank's records into one run per job.
+
+    distsum-aggregator --logdir DIR [--bind ADDR] [--world-size N] [--step-timeout S]
+
+Every flag can also be set from the environment (``DISTSUM_LOGDIR``, ``DISTSUM_BIND``,
+``DISTSUM_WORLD_SIZE``, ``DISTSUM_STEP_TIMEOUT``, ``DISTSUM_RANK_TIMEOUT``); a flag wins over the
+environment. It binds to loopback unless told otherwise, prints the address it listens on, and on
+SIGINT or SIGTERM writes out everything it holds and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from distsum._aggregator import Aggregator, AggregatorOptions, install_signal_handlers
+
+__all__ = ["main"]
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distsum-aggregator", description=__doc__.split("\n")[0])
+    parser.add_argument("--logdir", default=_env("DISTSUM_LOGDIR"), help="root directory of the runs")
+    parser.add_argument("--bind", default=_env("DISTSUM_BIND", "tcp://127.0.0.1:0"))
+    parser.add_argument("--world-size", type=int, default=_env("DISTSUM_WORLD_SIZE"))
+    parser.add_argument("--step-timeout", type=float, default=_env("DISTSUM_STEP_TIMEOUT", "30"))
+    parser.add_argument("--rank-timeout", type=float, default=_env("DISTSUM_RANK_TIMEOUT", "30"))
+    parser.add_argument("--exit-when-done", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.logdir:
+        parser.error("--logdir (or DISTSUM_LOGDIR) is required")
+    logging.basicConfig(level=logging.INFO, format="distsum-aggregator: %(message)s")
+    try:
+        aggregator = Aggregator(
+            AggregatorOptions(
+                logdir=args.logdir,
+                bind=args.bind,
+                world_size=args.world_size,
+                step_timeout=args.step_timeout,
+                rank_timeout=args.rank_timeout,
+                exit_when_done=args.exit_when_done,
+                parent_pid=args.parent_pid,
+            )
+        )
+    except (OSError, ValueError) as e:
+        print(f"distsum-aggregator: {e}", file=sys.stderr)
+        return 2
+    install_signal_handlers(aggregator)
+    print(f"distsum-aggregator listening on {aggregator.address}, writing to {aggregator.root}", flush=True)
+    aggregator.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Ranks in real processes, real sockets, one aggregator, one run: read back by TensorBoard."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+import distsum
+from distsum._histogram import Histogram
+from tests.tbreaders import acc_histograms, acc_images, acc_scalars, acc_tags, acc_text, accumulate
+
+WORLD = 4
+STEPS = 20
+
+
+def rank_values(rank: int, step: int) -> tuple[float, np.ndarray]:
+    rng = np.random.default_rng(1000 * rank + step)
+    return float(rank * 10 + step + 0.5), rng.normal(rank, 1.0, 200)
+
+
+def worker(rank: int, logdir: str, errors) -> None:
+    try:
+        distsum.init(rank, WORLD, logdir=logdir, step_timeout=60)
+        test = distsum.writer("test")
+        for step in range(STEPS):
+            loss, weights = rank_values(rank, step)
+            distsum.scalar("loss", loss, step)
+            distsum.scalar("tokens", 100 + rank, step, reduce=("sum", "min", "max"))
+            distsum.scalar("per_rank", loss, step, reduce="none")
+            distsum.histogram("weights", weights, step)
+            if step % 5 == 0:
+                test.scalar("accuracy", rank / 10, step)
+        pixels = np.full((1, 4, 4, 3), 50 * rank, np.uint8)
+        distsum.image("picture", pixels, STEPS, max_outputs=WORLD)
+        distsum.text("host", f"rank {rank} says hi", STEPS)
+        assert distsum.flush(timeout=60)
+        assert distsum.finish(timeout=120)
+    except BaseException as e:
+        errors.put(f"rank {rank}: {e!r}")
+        raise
+
+
+def test_four_ranks_with_the_embedded_aggregator(tmp_path):
+    logdir = str(tmp_path / "run")
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, logdir, errors)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert errors.empty(), errors.get()
+    assert all(p.exitcode == 0 for p in procs)
+
+    acc = accumulate(logdir)
+    loss = acc_scalars(acc, "loss")
+    assert [s for s, _ in loss] == list(range(STEPS))
+    for step, value in loss:
+        expected = np.mean([rank_values(r, step)[0] for r in range(WORLD)])
+        assert value == pytest.approx(expected, rel=1e-6)
+    assert [v for _, v in acc_scalars(acc, "tokens")] == [sum(100 + r for r in range(WORLD))] * STEPS
+    assert [v for _, v in acc_scalars(acc, "tokens/min")] == [100.0] * STEPS
+    assert [v for _, v in acc_scalars(acc, "tokens/max")] == [100.0 + WORLD - 1] * STEPS
+    for rank in range(WORLD):
+        per_rank = acc_scalars(accumulate(os.path.join(logdir, f"rank_{rank}")), "per_rank")
+        assert per_rank == [(s, float(np.float32(rank_values(rank, s)[0]))) for s in range(STEPS)]
+    for step, rows in acc_histograms(acc, "weights"):
+        union = np.concatenate([rank_values(r, step)[1] for r in range(WORLD)])
+        np.testing.assert_allclose(rows, Histogram.from_values(union, tag="w").rows().astype(np.float32))
+    test = accumulate(os.path.join(logdir, "test"))
+    assert acc_scalars(test, "accuracy") == [
+        (s, float(np.float32(np.mean([r / 10 for r in range(WORLD)])))) for s in range(0, STEPS, 5)
+    ]
+    assert sorted(t for t in acc_tags(acc, "images")) == [f"picture/image/{i}" for i in range(WORLD)]
+    assert len(acc_images(acc, "picture/image/3")) == 1
+    ((_, text),) = acc_text(acc, "host")
+    assert [text.index(f"rank {r} says hi") for r in range(WORLD)] == sorted(
+        text.index(f"rank {r} says hi") for r in range(WORLD)
+    )
+    assert "distsum/ranks_alive" in acc_tags(acc, "scalars") or "distsum/ranks_alive" in acc_tags(acc)
