@@ -109,15 +109,7 @@ class Aggregator:
         try:
             while not self._stop.is_set():
                 if poller.poll(50):
-                    for _ in range(1000):
-                        try:
-                            identity, frame = self._socket.recv_multipart(zmq.NOBLOCK)[-2:]
-                        except zmq.Again:
-                            break
-                        except ValueError:
-                            self._malformed("bad framing", b"?", "not two frames")
-                            continue
-                        self._handle(identity, frame)
+                    self._receive_all()
                 now = time.monotonic()
                 self._check_liveness(now)
                 self._write(take_all=False)
@@ -128,6 +120,13 @@ class Aggregator:
         finally:
             self._write(take_all=True)
             self._acknowledge()
+            # Keep answering for a moment: a rank waiting in finish() may have missed the last
+            # acknowledgement and resends; closing the socket does not deliver queued ones.
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                if poller.poll(50):
+                    self._receive_all()
+                self._acknowledge()
             for run in self._runs.values():
                 for f in run.files.values():
                     f.close()
@@ -135,6 +134,17 @@ class Aggregator:
             self._context.term()
 
     # --- input ---------------------------------------------------------------------------------
+
+    def _receive_all(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 2:
+                self._malformed("bad framing", frames[0], f"{len(frames) - 1} frames, expected 1")
+                continue
+            self._handle(frames[0], frames[1])
 
     def _malformed(self, cause: str, identity: bytes, detail: str) -> None:
         if not self.malformed[cause]:

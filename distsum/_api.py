@@ -165,10 +165,17 @@ def _start_aggregator(
     if world_size:
         command += ["--world-size", str(world_size)]
     # Its own session: a Ctrl-C meant for the training job must not cut the aggregator off
-    # before the ranks' last records are written; it exits when the job is done.
-    return subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
-    )
+    # before the ranks' last records are written; it exits when the job is done. Its log goes
+    # beside the run's event files, out of the training job's terminal.
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "distsum-aggregator.log"), "ab") as log_file:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
 
 
 def _client() -> Client:

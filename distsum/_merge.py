@@ -157,6 +157,7 @@ class MergeStats:
     conflicts: int
     """Records dropped because their series lost to an earlier, conflicting definition."""
     steps_written: int
+    """Open steps taken and returned (late records not counted)."""
     steps_timed_out: int
     """Steps taken because their first record was older than ``step_timeout``."""
     steps_forced: int
@@ -644,6 +645,15 @@ class RunMerger:
         """Every open step and late record, as ``take_ready`` would return them (for shutdown)."""
         complete = self._frontier()
         return self._take(_AFTER_ALL, complete, complete)
+
+    def holds(self, step: int) -> bool:
+        """Whether records at ``step`` are held in an open step, waiting to be taken.
+
+        Right after ``take_ready`` or ``take_all``, every record added before was either returned
+        or dropped and counted, except the records of the steps held: a rank's batch is written
+        once none of its steps is held (what a durable acknowledgement needs).
+        """
+        return step in self._open
 
     def stats(self) -> MergeStats:
         joined = sum(1 for state in self._state.values() if state)

@@ -85,3 +85,15 @@ def test_four_ranks_with_the_embedded_aggregator(tmp_path):
         text.index(f"rank {r} says hi") for r in range(WORLD)
     )
     assert "distsum/ranks_alive" in acc_tags(acc, "scalars") or "distsum/ranks_alive" in acc_tags(acc)
+
+
+def test_a_single_rank_finish_returns_once_everything_is_written(tmp_path):
+    distsum.init(0, 1, logdir=str(tmp_path))
+    for step in range(3):
+        distsum.scalar("x", step, step)
+    assert distsum.flush(timeout=30)
+    # The embedded aggregator exits right after the last rank finishes; the rank must still get
+    # its last acknowledgement (a regression: it used to wait out the whole timeout).
+    assert distsum.finish(timeout=30)
+    assert distsum.finish(timeout=30)  # idempotent
+    assert acc_scalars(accumulate(tmp_path), "x") == [(s, float(s)) for s in range(3)]

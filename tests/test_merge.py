@@ -111,7 +111,9 @@ def scalar_logs(draw: st.DrawFn) -> tuple[int, list[tuple[str, tuple[int, ...]]]
                 st.integers(0, n_ranks - 1),
                 st.integers(0, len(series) - 1),
                 st.integers(-2, 4),
-                st.floats(allow_nan=True, allow_infinity=True),
+                # Sums of up to 5 of these cannot overflow, so inf and NaN come only from inputs
+                # and do not depend on the order of the additions.
+                st.floats(-1e300, 1e300) | st.sampled_from([math.nan, math.inf, -math.inf]),
             ),
             max_size=60,
         )
@@ -143,25 +145,37 @@ def test_reductions_equal_numpy_over_each_ranks_last_value(
             last[s, step][rank] = value
     got = flatten(m.take_all())
 
-    expected: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    # (run, tag) -> step -> (value, tolerance): numpy may add in another order than the merger,
+    # so a finite sum may differ within the usual bound of float summation.
+    expected: dict[tuple[str, str], dict[int, tuple[float, float]]] = defaultdict(dict)
+    eps = np.finfo(np.float64).eps
     for (s, step), by_rank in last.items():
         subrun, reduce = series[s]
         tag = f"tag{s}"
         values = np.array([by_rank[r] for r in sorted(by_rank)])
         ops = [op for op in reduce if op != NONE]
         with np.errstate(all="ignore"):
+            sum_error = 2 * len(values) * eps * float(np.abs(values).sum())
             for i, op in enumerate(ops):
                 out_tag = tag if i == 0 else f"{tag}/{OP_NAMES[op]}"
-                expected[subrun, out_tag][step] = float(NUMPY_OPS[op](values))
+                value = float(NUMPY_OPS[op](values))
+                tolerance = 0.0
+                if op == SUM:
+                    tolerance = sum_error
+                elif op == MEAN:
+                    tolerance = sum_error / len(values) + eps * abs(value)
+                expected[subrun, out_tag][step] = (value, tolerance)
         if NONE in reduce:
             for r, value in by_rank.items():
                 run = f"{subrun}/rank_{r}" if subrun else f"rank_{r}"
-                expected[run, tag][step] = value
+                expected[run, tag][step] = (value, 0.0)
     assert got.keys() == expected.keys()
     for key, by_step in expected.items():
         assert got[key].keys() == by_step.keys(), key
-        for step, value in by_step.items():
-            assert same(got[key][step], value), (key, step, got[key][step], value)
+        for step, (value, tolerance) in by_step.items():
+            actual = got[key][step]
+            ok = same(actual, value) or abs(actual - value) <= tolerance
+            assert ok, (key, step, actual, value, tolerance)
     assert m.stats().late == 0
 
 
@@ -396,7 +410,9 @@ def test_a_batch_spanning_steps_is_split_at_the_frontier() -> None:
     assert m.stats().held_values == 3
     log(m, 1, [(x, 3, 2.0), (x, 4, 2.0)])
     assert flatten(m.take_ready()) == {("", "x"): {2: 3.0}}
+    assert [m.holds(step) for step in range(6)] == [False, False, False, True, True, False]
     assert flatten(m.take_all()) == {("", "x"): {3: 3.0, 4: 2.0}}
+    assert not m.holds(3)
 
 
 def test_many_small_batches_give_the_same_result() -> None:
