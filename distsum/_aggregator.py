@@ -164,7 +164,10 @@ class Aggregator:
         stream = self._streams.get(key)
         run = self._run(origin.run, origin.world_size)
         if stream is None:
-            stream = self._streams[key] = _Stream(origin.run, origin.rank, identity)
+            # Batches below resend_from are written already (by an earlier aggregator, if this
+            # one restarted); the stream goes on from there.
+            start = max(0, min(batch.resend_from, batch.seq) - 1)
+            stream = self._streams[key] = _Stream(origin.run, origin.rank, identity, start, start)
             run.merger.rank_joined(origin.rank)
             log.info(
                 "rank %d of run %r joined (pid %d on %s)",
@@ -184,6 +187,7 @@ class Aggregator:
         try:
             self._add(run.merger, origin.rank, batch, stream)
         except (ValueError, TypeError) as e:
+            # Acknowledged all the same: sending it again would not make it valid.
             self._malformed("bad records", identity, str(e))
         stream.received = batch.seq
         if batch.flush:
@@ -205,6 +209,21 @@ class Aggregator:
         return run
 
     def _add(self, merger: RunMerger, rank: int, batch: wire_pb2.Batch, stream: _Stream) -> None:
+        """Hand one batch's records to the merger: all of them, or (on a ValueError) none."""
+        histograms = [
+            Histogram.from_parts(
+                np.asarray(h.index, dtype=np.int64),
+                np.asarray(h.count, dtype=np.int64),
+                min=h.min,
+                max=h.max,
+                sum=h.sum,
+                sum_squares=h.sum_squares,
+                nan=h.nan,
+                posinf=h.posinf,
+                neginf=h.neginf,
+            )
+            for h in batch.histograms
+        ]
         ids = [merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in batch.series]
         steps: set[int] = set()
         if batch.scalar_series:
@@ -218,19 +237,7 @@ class Aggregator:
                 np.asarray(batch.scalar_wall_time, dtype=np.float64),
             )
             steps.update(np.unique(step_array).tolist())
-            self.records += len(step_array)
-        for h in batch.histograms:
-            histogram = Histogram.from_parts(
-                np.asarray(h.index, dtype=np.int64),
-                np.asarray(h.count, dtype=np.int64),
-                min=h.min,
-                max=h.max,
-                sum=h.sum,
-                sum_squares=h.sum_squares,
-                nan=h.nan,
-                posinf=h.posinf,
-                neginf=h.neginf,
-            )
+        for h, histogram in zip(batch.histograms, histograms, strict=True):
             merger.add_histogram(rank, ids[h.series], h.step, histogram, h.wall_time)
             steps.add(h.step)
         for im in batch.images:
@@ -240,7 +247,7 @@ class Aggregator:
         for t in batch.texts:
             merger.add_text(rank, ids[t.series], t.step, t.text, t.wall_time)
             steps.add(t.step)
-        self.records += len(batch.histograms) + len(batch.images) + len(batch.texts)
+        self.records += len(batch.scalar_step) + len(batch.histograms) + len(batch.images) + len(batch.texts)
         for step in steps:
             stream.open_steps.setdefault(step, batch.seq)
 
@@ -283,10 +290,10 @@ class Aggregator:
                     payloads.setdefault(path, []).append(event.SerializeToString())
             for path, data in payloads.items():
                 self._file(name, run, path).write(data)
-            last = max(m.step for m in steps)
+            # A stream's records at a step are written once the merger no longer holds the step.
             for stream in self._streams.values():
                 if stream.run == name:
-                    for step in [s for s in stream.open_steps if s <= last]:
+                    for step in [s for s in stream.open_steps if not run.merger.holds(s)]:
                         del stream.open_steps[step]
 
     def _file(self, name: str, run: _Run, path: str) -> EventFile:

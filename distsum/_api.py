@@ -29,6 +29,9 @@ from distsum._wire import check_run_name
 
 __all__ = ["Writer", "finish", "flush", "histogram", "image", "init", "run_dir", "scalar", "text", "writer"]
 
+# Pixels of one image call: its PNGs must fit in one wire message (MAX_MESSAGE_BYTES).
+MAX_IMAGE_BYTES = 32 << 20
+
 _REDUCE = {
     "mean": wire_pb2.MEAN,
     "sum": wire_pb2.SUM,
@@ -237,6 +240,11 @@ class Writer:
         step = _validate.check_step(step, tag)
         array = _validate.as_array(images, tag, "images")
         pixels = prepare_images(array, tag=tag, dataformats=dataformats, max_outputs=max_outputs)
+        size = sum(p.nbytes for p in pixels)
+        if size > MAX_IMAGE_BYTES:
+            raise ValueError(
+                f"images for tag {tag!r} hold {size} bytes of pixels; at most {MAX_IMAGE_BYTES} per call"
+            )
         _client().add(((IMAGES, self.subrun, tag, (), max_outputs), step, pixels, time.time()))
 
     def text(self, tag: str, text: str, step: int) -> None:

@@ -43,6 +43,9 @@ class ClientOptions:
     max_buffered: int = 2_000_000
     batch_interval: float = 0.01
     max_batch_records: int = 100_000
+    # A batch is closed once its records' payloads reach about this many bytes, far below the
+    # aggregator's limit on one message.
+    max_batch_bytes: int = 8 << 20
     # Without any acknowledgement for this long, everything unacknowledged is sent again.
     resend_after: float = 1.0
     # An empty batch at least this often, so the aggregator knows the rank is alive.
@@ -206,13 +209,15 @@ class Client:
     def _drain(self) -> tuple[list[Any], list[_Marker]]:
         records: list[Any] = []
         markers: list[_Marker] = []
-        queue, limit = self._queue, self.options.max_batch_records
-        while queue and len(records) < limit:
+        queue, limit, byte_limit = self._queue, self.options.max_batch_records, self.options.max_batch_bytes
+        size = 0
+        while queue and len(records) < limit and size < byte_limit:
             item = queue.popleft()
             if isinstance(item, _Marker):
                 markers.append(item)
                 break  # a flush covers what came before it; the rest goes in the next batch
             records.append(item)
+            size += _payload_bytes(item[0][0], item[2])
         return records, markers
 
     def _build(self, records: list[Any], markers: list[_Marker]) -> wire_pb2.Batch:
@@ -267,6 +272,7 @@ class Client:
         batch.scalar_wall_time.extend(scalar_time)
         batch.flush = bool(markers)
         batch.finish = any(m.finish for m in markers)
+        batch.resend_from = min(self._unacked, default=self._seq + 1)
         return batch
 
     def _send(self, data: bytes) -> None:
@@ -299,3 +305,14 @@ class Client:
                     self.world_size = ack.world_size
                 self._cond.notify_all()
         return progress
+
+
+def _payload_bytes(kind: int, payload: Any) -> int:
+    """About how many bytes a record adds to a batch (an upper bound for images and text)."""
+    if kind == SCALAR:
+        return 28
+    if kind == HISTOGRAM:
+        return 20_000  # sparse counts on 1551 buckets at most
+    if kind == IMAGES:
+        return sum(p.nbytes for p in payload) + 1024
+    return len(payload) * 4

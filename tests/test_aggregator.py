@@ -16,7 +16,7 @@ import zmq
 import distsum
 from distsum._proto import wire_pb2
 from distsum._wire import encode_batch
-from tests.tbreaders import acc_scalars, accumulate
+from tests.tbreaders import acc_scalars, accumulate, poll_until
 
 
 def start_daemon(logdir, *args):
@@ -157,3 +157,29 @@ def test_unwritable_logdir_is_an_error_at_start(tmp_path):
     )
     assert result.returncode == 2
     assert "runs" in result.stderr
+
+
+def test_a_restarted_aggregator_takes_the_stream_where_the_last_one_left_it(tmp_path):
+    proc, addr = start_daemon(tmp_path, "--world-size", "1", "--step-timeout", "3600")
+    try:
+        distsum.init(0, 1, addr=addr, run="job")
+        for step in range(10):
+            distsum.scalar("x", step, step)
+        assert distsum.flush(timeout=60)
+        # Step 9 is written once the rank moves past it, which it does on its next record.
+        distsum.scalar("x", 10, 10)
+        assert distsum.flush(timeout=60)
+        poll_until(lambda: acc_scalars(accumulate(tmp_path / "job"), "x"), lambda r: len(r) >= 10)
+        proc.kill()
+        proc.communicate(timeout=30)
+        # The same address: the rank's socket reconnects by itself.
+        proc, _ = start_daemon(tmp_path, "--bind", addr, "--world-size", "1", "--step-timeout", "3600")
+        for step in range(11, 20):
+            distsum.scalar("x", step, step)
+        assert distsum.finish(timeout=60)
+    finally:
+        distsum.finish(timeout=5)
+        code, err = stop_daemon(proc)
+    assert code == 0, err
+    got = acc_scalars(accumulate(tmp_path / "job"), "x")
+    assert got == [(s, float(s)) for s in range(20)]
