@@ -247,7 +247,16 @@ class Aggregator:
         for t in batch.texts:
             merger.add_text(rank, ids[t.series], t.step, t.text, t.wall_time)
             steps.add(t.step)
-        self.records += len(batch.scalar_step) + len(batch.histograms) + len(batch.images) + len(batch.texts)
+        if rank == 0:
+            for raw in batch.raws:
+                self._file(stream.run, self._runs[stream.run], raw.subrun).write([raw.event])
+        self.records += (
+            len(batch.scalar_step)
+            + len(batch.histograms)
+            + len(batch.images)
+            + len(batch.texts)
+            + len(batch.raws)
+        )
         for step in steps:
             stream.open_steps.setdefault(step, batch.seq)
 

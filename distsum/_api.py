@@ -27,7 +27,23 @@ from distsum._image import prepare_images
 from distsum._proto import wire_pb2
 from distsum._wire import check_run_name
 
-__all__ = ["Writer", "finish", "flush", "histogram", "image", "init", "run_dir", "scalar", "text", "writer"]
+__all__ = [
+    "Writer",
+    "client",
+    "finish",
+    "flush",
+    "histogram",
+    "image",
+    "init",
+    "initialized",
+    "run_dir",
+    "scalar",
+    "text",
+    "writer",
+]
+
+# How long a flush or finish waits for the aggregator by default.
+FLUSH_TIMEOUT = float(os.environ.get("DISTSUM_FINISH_TIMEOUT", "30"))
 
 # Pixels of one image call: its PNGs must fit in one wire message (MAX_MESSAGE_BYTES).
 MAX_IMAGE_BYTES = 32 << 20
@@ -181,11 +197,20 @@ def _start_aggregator(
         )
 
 
-def _client() -> Client:
+def client() -> Client:
+    """This process's client; DistsumError if distsum.init() was not called in this process."""
     state = _state
     if state is None:
         raise DistsumError("call distsum.init() before logging")
+    if os.getpid() != _pid_of(state):
+        raise DistsumError("distsum was initialised in a parent process; call distsum.init() in this child")
     return state.client
+
+
+def initialized() -> bool:
+    """Whether distsum.init() was called in this process (and not finished)."""
+    state = _state
+    return state is not None and os.getpid() == _pid_of(state)
 
 
 _scalar_keys: dict[tuple[str, str, Any], tuple[Any, ...]] = {}
@@ -220,7 +245,7 @@ class Writer:
             value = _validate.as_scalar(value, tag)
         if type(step) is not int or step < 0:
             step = _validate.check_step(step, tag)
-        _client().add((key, step, value, time.time()))
+        client().add((key, step, value, time.time()))
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
         """Log a histogram; across ranks, the histogram of all ranks' values together."""
@@ -230,7 +255,7 @@ class Writer:
         if array.dtype.kind not in "iuf":
             raise TypeError(f"histogram values for tag {tag!r} must be real numbers, got dtype {array.dtype}")
         # A copy: the training loop may change its array before the sender thread buckets it.
-        _client().add(((HISTOGRAM, self.subrun, tag, (), 0), step, np.array(array, copy=True), time.time()))
+        client().add(((HISTOGRAM, self.subrun, tag, (), 0), step, np.array(array, copy=True), time.time()))
 
     def image(
         self, tag: str, images: Any, step: int, *, max_outputs: int = 3, dataformats: str = "NHWC"
@@ -245,7 +270,7 @@ class Writer:
             raise ValueError(
                 f"images for tag {tag!r} hold {size} bytes of pixels; at most {MAX_IMAGE_BYTES} per call"
             )
-        _client().add(((IMAGES, self.subrun, tag, (), max_outputs), step, pixels, time.time()))
+        client().add(((IMAGES, self.subrun, tag, (), max_outputs), step, pixels, time.time()))
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Log Markdown text; across ranks, gathered in rank order, each labelled with its rank."""
@@ -253,7 +278,7 @@ class Writer:
         step = _validate.check_step(step, tag)
         if not isinstance(text, str):
             raise TypeError(f"text for tag {tag!r} must be a str, got {type(text).__name__}")
-        _client().add(((TEXT, self.subrun, tag, (), 0), step, text, time.time()))
+        client().add(((TEXT, self.subrun, tag, (), 0), step, text, time.time()))
 
 
 _root = Writer()
@@ -270,7 +295,7 @@ def writer(name: str) -> Writer:
 
 def flush(timeout: float | None = 30.0) -> bool:
     """True once the aggregator holds everything this rank logged before the call."""
-    return _client().flush(timeout)
+    return client().flush(timeout)
 
 
 def finish(timeout: float | None = 30.0) -> bool:
@@ -299,7 +324,7 @@ def finish(timeout: float | None = 30.0) -> bool:
 
 
 def _finish_at_exit() -> None:
-    finish(timeout=float(os.environ.get("DISTSUM_FINISH_TIMEOUT", "30")))
+    finish(timeout=FLUSH_TIMEOUT)
 
 
 def run_dir() -> str | None:

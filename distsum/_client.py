@@ -25,7 +25,7 @@ import zmq
 
 from distsum._errors import DistsumError
 from distsum._histogram import Histogram
-from distsum._image import encode_png
+from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
 from distsum._wire import WireError, decode_ack, encode_batch
 
@@ -34,6 +34,8 @@ __all__ = ["Client", "ClientOptions"]
 log = logging.getLogger("distsum")
 
 SCALAR, HISTOGRAM, IMAGES, TEXT = wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.IMAGES, wire_pb2.TEXT
+# Events passed through unmerged (wire Raw records); they have no series.
+RAW = "raw"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +68,9 @@ class Client:
     """One rank's connection to the aggregator.
 
     A series key is ``(kind, subrun, tag, reduce, max_outputs)``; ``add`` takes
-    ``(key, step, payload, wall_time)`` where payload is a float (scalar), a float64 or float32
-    array (histogram values, bucketed on the sender thread), a list of HWC uint8 arrays (images),
-    or a str (text).
+    ``(key, step, payload, wall_time)`` where payload is a float (scalar), an array of histogram
+    values (bucketed on the sender thread) or a ``Histogram``, a list of HWC uint8 arrays or
+    ``EncodedImage`` (images), a str (text), or, for kind ``RAW``, a serialized Event.
     """
 
     def __init__(
@@ -226,6 +228,9 @@ class Client:
         series: dict[Any, int] = {}
         scalar_series, scalar_step, scalar_value, scalar_time = [], [], [], []
         for key, step, payload, wall in records:
+            if key[0] == RAW:
+                batch.raws.add(subrun=key[1], event=payload)
+                continue
             index = series.get(key)
             if index is None:
                 index = series[key] = len(series)
@@ -238,7 +243,9 @@ class Client:
                 scalar_value.append(payload)
                 scalar_time.append(wall)
             elif kind == HISTOGRAM:
-                histogram = Histogram.from_values(payload, tag=key[2])
+                histogram = (
+                    payload if isinstance(payload, Histogram) else Histogram.from_values(payload, tag=key[2])
+                )
                 indices, counts = histogram.to_sparse()
                 batch.histograms.add(
                     series=index,
@@ -257,7 +264,7 @@ class Client:
             elif kind == IMAGES:
                 images = batch.images.add(series=index, step=step, wall_time=wall)
                 for pixels in payload:
-                    encoded = encode_png(pixels)
+                    encoded = pixels if isinstance(pixels, EncodedImage) else encode_png(pixels)
                     images.image.add(
                         height=encoded.height,
                         width=encoded.width,
@@ -314,5 +321,5 @@ def _payload_bytes(kind: int, payload: Any) -> int:
     if kind == HISTOGRAM:
         return 20_000  # sparse counts on 1551 buckets at most
     if kind == IMAGES:
-        return sum(p.nbytes for p in payload) + 1024
+        return sum(len(p.png) if isinstance(p, EncodedImage) else p.nbytes for p in payload) + 1024
     return len(payload) * 4

@@ -459,6 +459,42 @@ class Histogram:
             bucket=self.counts[written].astype(np.float64).tolist(),
         )
 
+    @classmethod
+    def from_histogram_proto(cls, proto: Any) -> Histogram | None:
+        """The histogram a legacy ``HistogramProto`` on TF1's default grid describes, exactly.
+
+        None if its bucket limits are not TF1's (another writer's grid cannot be merged
+        exactly) or it is inconsistent. The proto carries no non-finite counts.
+        """
+        limits = np.asarray(proto.bucket_limit, dtype=np.float64)
+        counts = np.asarray(proto.bucket, dtype=np.float64)
+        if limits.size != counts.size:
+            return None
+        keep = counts > 0
+        limits, counts = limits[keep], counts[keep]
+        indices = np.searchsorted(BUCKET_LIMITS, limits)
+        if np.any(indices >= NUM_BUCKETS) or not np.array_equal(
+            BUCKET_LIMITS[np.minimum(indices, NUM_BUCKETS - 1)], limits
+        ):
+            return None
+        if not np.array_equal(counts, np.round(counts)):
+            return None
+        empty = counts.size == 0
+        try:
+            return cls.from_parts(
+                indices,
+                counts.astype(np.int64),
+                min=math.inf if empty else proto.min,
+                max=-math.inf if empty else proto.max,
+                sum=0.0 if empty else proto.sum,
+                sum_squares=0.0 if empty else proto.sum_squares,
+                nan=0,
+                posinf=0,
+                neginf=0,
+            )
+        except ValueError:
+            return None
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Histogram):
             return NotImplemented

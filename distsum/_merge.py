@@ -315,7 +315,8 @@ class RunMerger:
         ``(MEAN,)``; repeated reductions count once. ``reduce`` is ignored for other kinds and
         ``max_outputs`` for all but images. A definition that conflicts with an earlier one gets
         an id whose records are dropped (see the module docstring). Raises ValueError for an
-        unknown kind or reduction, or images with ``max_outputs < 1``.
+        unknown kind or reduction, or images with ``max_outputs < 0``. Images with ``max_outputs``
+        0 write one image, the lowest rank's, under ``tag`` itself.
         """
         # The aggregator asks again for every batch (the wire interns series per batch): answer a
         # repeated question from one dict lookup.
@@ -338,8 +339,8 @@ class RunMerger:
         else:
             reduce = ()
         if kind == wire_pb2.IMAGES:
-            if max_outputs < 1:
-                raise ValueError(f"image series {tag!r}: max_outputs must be >= 1, got {max_outputs!r}")
+            if max_outputs < 0:
+                raise ValueError(f"image series {tag!r}: max_outputs must be >= 0, got {max_outputs!r}")
             max_outputs = int(max_outputs)
         else:
             max_outputs = 0
@@ -353,7 +354,10 @@ class RunMerger:
         per_rank = wire_pb2.NONE in reduce
         rank_prefix = _join(subrun, "")
         late_prefix = _join(subrun, "late/")
-        tags = tuple(image_tags(tag, max_outputs)) if kind == wire_pb2.IMAGES else ()
+        tags: tuple[str, ...] = ()
+        if kind == wire_pb2.IMAGES:
+            # 0: one image under the tag itself, for the front ends that name their own tags.
+            tags = tuple(image_tags(tag, max_outputs)) if max_outputs else (tag,)
         # What this series writes: tags in its sub-run, tags in per-rank runs below a prefix.
         if kind == wire_pb2.SCALAR:
             run_tags = [t for _, t in ops]

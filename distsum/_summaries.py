@@ -39,6 +39,7 @@ __all__ = [
     "TextItem",
     "hparams_items",
     "image_tags",
+    "item_from_value",
     "to_values",
 ]
 
@@ -114,12 +115,19 @@ def image_tags(name: str, max_outputs: int) -> list[str]:
     return [f"{name}/image/{i}" for i in range(max_outputs)]
 
 
-def to_values(items: Iterable[Item]) -> list[summary_pb2.Summary.Value]:
-    """The ``Summary.Value`` protos that represent ``items`` on disk, in order."""
+def to_values(items: Iterable[Item], *, legacy_histograms: bool = False) -> list[summary_pb2.Summary.Value]:
+    """The ``Summary.Value`` protos that represent ``items`` on disk, in order.
+
+    ``legacy_histograms`` writes histograms as TF1's ``HistogramProto`` instead, which keeps the
+    exact bucket counts on TF1's grid, so ``item_from_value`` can take them back for merging:
+    the form of a ``distsum.summary.Summary`` that is serialized and handed on as bytes.
+    """
     values = []
     for item in items:
         if isinstance(item, ScalarItem):
             values.append(summary_pb2.Summary.Value(tag=item.tag, simple_value=item.value))
+        elif isinstance(item, HistogramItem) and legacy_histograms:
+            values.append(summary_pb2.Summary.Value(tag=item.tag, histo=item.histogram.to_histogram_proto()))
         elif isinstance(item, HistogramItem):
             values.append(
                 summary_pb2.Summary.Value(
@@ -144,6 +152,35 @@ def to_values(items: Iterable[Item]) -> list[summary_pb2.Summary.Value]:
         else:
             raise TypeError(f"not a summary item: {item!r}")
     return values
+
+
+def item_from_value(value: summary_pb2.Summary.Value) -> Item:
+    """The item a ``Summary.Value`` from elsewhere stands for, mergeable where distsum can merge it:
+    scalars, legacy histograms on TF1's grid, images, single texts; anything else as it is."""
+    kind = value.WhichOneof("value")
+    if kind == "simple_value":
+        return ScalarItem(value.tag, value.simple_value)
+    if kind == "histo":
+        histogram = Histogram.from_histogram_proto(value.histo)
+        if histogram is not None:
+            return HistogramItem(value.tag, histogram)
+    if kind == "image":
+        image = value.image
+        encoded = EncodedImage(image.height, image.width, image.colorspace, image.encoded_image_string)
+        return ImageItem(value.tag, encoded)
+    tensor = value.tensor
+    if (
+        kind == "tensor"
+        and value.metadata.plugin_data.plugin_name == "text"
+        and tensor.dtype == types_pb2.DT_STRING
+        and len(tensor.string_val) == 1
+        and not tensor.tensor_shape.dim
+    ):
+        try:
+            return TextItem(value.tag, tensor.string_val[0].decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    return ProtoItem(value)
 
 
 # --- hparams -------------------------------------------------------------------------------------

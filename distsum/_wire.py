@@ -7,8 +7,10 @@ it is where everything that arrives from the network is checked before anything 
 
 from __future__ import annotations
 
+import math
+
 from distsum import _validate
-from distsum._proto import wire_pb2
+from distsum._proto import event_pb2, wire_pb2
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -126,6 +128,14 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
         for image in images.image:
             if image.height <= 0 or image.width <= 0 or image.colorspace not in (1, 2, 3, 4):
                 raise WireError("bad images", f"{image.height}x{image.width}x{image.colorspace}")
+    for raw in batch.raws:
+        try:
+            check_run_name(raw.subrun, "sub-run")
+            event = event_pb2.Event.FromString(raw.event)
+        except Exception as e:  # DecodeError and friends, or a bad name
+            raise WireError("bad raw event", str(e) or type(e).__name__) from None
+        if event.WhichOneof("what") in (None, "file_version") or not math.isfinite(event.wall_time):
+            raise WireError("bad raw event", f"{event.WhichOneof('what')} at wall time {event.wall_time}")
     return batch
 
 
@@ -141,5 +151,5 @@ def _check_series(spec: wire_pb2.Series) -> None:
         raise WireError("bad series", f"reduce {list(spec.reduce)}")
     if len(spec.reduce) != len(set(spec.reduce)):
         raise WireError("bad series", f"reduce {list(spec.reduce)} repeats")
-    if spec.kind == wire_pb2.IMAGES and not 0 < spec.max_outputs <= MAX_IMAGES:
+    if spec.kind == wire_pb2.IMAGES and not 0 <= spec.max_outputs <= MAX_IMAGES:
         raise WireError("bad series", f"max_outputs {spec.max_outputs}")

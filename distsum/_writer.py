@@ -39,7 +39,7 @@ from distsum._errors import WriterClosedError
 from distsum._histogram import Histogram
 from distsum._image import prepare_images
 from distsum._proto import event_pb2
-from distsum._sink import Sink, WriterOptions, open_sink
+from distsum._sink import Sink, WriterOptions, default_logdir, open_sink
 from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, hparams_items
 
 __all__ = ["SummaryWriter"]
@@ -60,6 +60,10 @@ class SummaryWriter:
         flush_secs: float = 120,
         filename_suffix: str = "",
     ) -> None:
+        if log_dir is None:
+            # After distsum.init(), the job's run: torch's default (per host, per second) would
+            # give every rank its own directory.
+            log_dir = default_logdir()
         if log_dir is None:
             stamp = datetime.now().strftime("%b%d_%H-%M-%S")
             log_dir = os.path.join("runs", f"{stamp}_{socket.gethostname()}{comment}")

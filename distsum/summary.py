@@ -48,10 +48,10 @@ from distsum._summaries import (
     HistogramItem,
     ImageItem,
     Item,
-    ProtoItem,
     ScalarItem,
     TextItem,
     image_tags,
+    item_from_value,
     to_values,
 )
 
@@ -77,8 +77,9 @@ class Summary:
         return [item.tag for item in self._items]
 
     def to_proto(self) -> summary_pb2.Summary:
+        """The Summary proto; histograms in TF1's legacy form, so the bytes stay mergeable."""
         proto = summary_pb2.Summary()
-        proto.value.extend(to_values(self._items))
+        proto.value.extend(to_values(self._items, legacy_histograms=True))
         return proto
 
     def SerializeToString(self) -> bytes:  # the protobuf name, so code written for protos works
@@ -165,7 +166,7 @@ def _as_summary(summary: object) -> Summary:
         proto = summary_pb2.Summary.FromString(data)
     except Exception as e:
         raise ValueError(f"not a serialized Summary: {e}") from None
-    return Summary(ProtoItem(value) for value in proto.value)
+    return Summary(item_from_value(value) for value in proto.value)
 
 
 def merge(

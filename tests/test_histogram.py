@@ -486,3 +486,18 @@ def test_histogram_is_immutable_and_compact_in_repr():
     assert "num=2" in repr(histogram) and len(repr(histogram)) < 300
     with pytest.raises(ValueError, match="shape"):
         Histogram(np.zeros(10, dtype=np.int64), 0.0, 0.0, 0, 0.0, 0.0)
+
+
+def test_legacy_proto_on_the_tf1_grid_converts_back_exactly():
+    values = np.random.default_rng(11).normal(0, 3, 5000)
+    histogram = Histogram.from_values(values, tag="w")
+    back = Histogram.from_histogram_proto(histogram.to_histogram_proto())
+    assert back == histogram
+    assert Histogram.from_histogram_proto(Histogram.empty().to_histogram_proto()) == Histogram.empty()
+
+
+def test_legacy_proto_on_another_grid_is_not_taken_for_tf1s():
+    torch_summary = pytest.importorskip("torch.utils.tensorboard.summary")
+    values = np.random.default_rng(12).normal(0, 1, 100)
+    proto = torch_summary.histogram("h", values, bins="auto").value[0].histo
+    assert Histogram.from_histogram_proto(proto) is None

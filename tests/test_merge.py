@@ -600,7 +600,7 @@ def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="unknown reduction"):
         m.series("", "y", SCALAR, (9,))
     with pytest.raises(ValueError, match="max_outputs"):
-        m.series("", "y", IMAGES, max_outputs=0)
+        m.series("", "y", IMAGES, max_outputs=-1)
     with pytest.raises(ValueError, match="series"):
         log(m, 0, [(x + 1, 0, 1.0)])
     with pytest.raises(ValueError, match="one length"):
@@ -785,3 +785,16 @@ if __name__ == "__main__":
             print(
                 f"8 ranks x 100 tags x 1000 steps, {names}, {how} interning: {rate / 1e6:.2f} M rank values/s"
             )
+
+
+def test_images_with_max_outputs_0_keep_their_tag_and_the_lowest_ranks_image() -> None:
+    m = merger()
+    sid = m.series("", "picture", IMAGES, max_outputs=0)
+    for rank in (2, 1):
+        m.add_images(rank, sid, 0, [EncodedImage(1, 1, 1, bytes([rank]))], 1.0)
+    m.rank_left(1)
+    m.rank_left(2)
+    (step,) = m.take_all()
+    (item,) = step.outputs[""]
+    assert item.tag == "picture"
+    assert item.image.png == bytes([1])

@@ -139,8 +139,16 @@ class Text(_message.Message):
     text: str
     def __init__(self, series: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
+class Raw(_message.Message):
+    __slots__ = ("subrun", "event")
+    SUBRUN_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    subrun: str
+    event: bytes
+    def __init__(self, subrun: _Optional[str] = ..., event: _Optional[bytes] = ...) -> None: ...
+
 class Batch(_message.Message):
-    __slots__ = ("origin", "seq", "series", "scalar_series", "scalar_step", "scalar_value", "scalar_wall_time", "histograms", "images", "texts", "flush", "finish", "resend_from")
+    __slots__ = ("origin", "seq", "series", "scalar_series", "scalar_step", "scalar_value", "scalar_wall_time", "histograms", "images", "texts", "flush", "finish", "raws", "resend_from")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SERIES_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +161,7 @@ class Batch(_message.Message):
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     FLUSH_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    RAWS_FIELD_NUMBER: _ClassVar[int]
     RESEND_FROM_FIELD_NUMBER: _ClassVar[int]
     origin: Origin
     seq: int
@@ -166,8 +175,9 @@ class Batch(_message.Message):
     texts: _containers.RepeatedCompositeFieldContainer[Text]
     flush: bool
     finish: bool
+    raws: _containers.RepeatedCompositeFieldContainer[Raw]
     resend_from: int
-    def __init__(self, origin: _Optional[_Union[Origin, _Mapping]] = ..., seq: _Optional[int] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., scalar_series: _Optional[_Iterable[int]] = ..., scalar_step: _Optional[_Iterable[int]] = ..., scalar_value: _Optional[_Iterable[float]] = ..., scalar_wall_time: _Optional[_Iterable[float]] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[Images, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[Text, _Mapping]]] = ..., flush: _Optional[bool] = ..., finish: _Optional[bool] = ..., resend_from: _Optional[int] = ...) -> None: ...
+    def __init__(self, origin: _Optional[_Union[Origin, _Mapping]] = ..., seq: _Optional[int] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., scalar_series: _Optional[_Iterable[int]] = ..., scalar_step: _Optional[_Iterable[int]] = ..., scalar_value: _Optional[_Iterable[float]] = ..., scalar_wall_time: _Optional[_Iterable[float]] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[Images, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[Text, _Mapping]]] = ..., flush: _Optional[bool] = ..., finish: _Optional[bool] = ..., raws: _Optional[_Iterable[_Union[Raw, _Mapping]]] = ..., resend_from: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("stream", "received", "durable", "world_size")
