@@ -70,6 +70,8 @@ class _Run:
     world_size: int = 0
     files: dict[str, EventFile] = field(default_factory=dict)
     last_health_step: int = -1
+    # The highest step any rank of the run has logged, for the step lag.
+    highest_step: int = -1
 
 
 class Aggregator:
@@ -250,6 +252,9 @@ class Aggregator:
         if rank == 0:
             for raw in batch.raws:
                 self._file(stream.run, self._runs[stream.run], raw.subrun).write([raw.event])
+        if steps:
+            run = self._runs[stream.run]
+            run.highest_step = max(run.highest_step, max(steps))
         self.records += (
             len(batch.scalar_step)
             + len(batch.histograms)
@@ -326,6 +331,8 @@ class Aggregator:
             ScalarItem("distsum/late_records", float(stats.late)),
             ScalarItem("distsum/dropped_records", float(dropped)),
             ScalarItem("distsum/open_steps", float(stats.open_steps)),
+            # How far the written run trails the newest step any rank logged.
+            ScalarItem("distsum/step_lag", float(max(0, run.highest_step - last.step))),
         ]
         last.outputs.setdefault("", []).extend(health)
 

@@ -118,12 +118,13 @@ def init(
     """
     global _state, _atexit_registered
     env_rank, env_size = _launcher_env()
+    if world_size is None:
+        # Without a rank either, a process that no launcher started is a job of its own; given
+        # only a rank, the world size is the launcher's, the aggregator's --world-size, or what
+        # the aggregator learns from the ranks that connect.
+        world_size = env_size if env_rank is not None else (1 if rank is None else None)
     rank = env_rank if rank is None else rank
     rank = 0 if rank is None else rank
-    if world_size is None:
-        world_size = env_size if env_rank is not None or env_size is not None else None
-        if world_size is None and rank == 0 and env_rank is None:
-            world_size = 1
     if not isinstance(rank, int) or rank < 0 or (world_size is not None and not 0 <= rank < world_size):
         raise ValueError(f"rank {rank!r} is not in a world of size {world_size!r}")
     step_timeout = float(options.pop("step_timeout", 30.0))

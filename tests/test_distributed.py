@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -97,3 +98,69 @@ def test_a_single_rank_finish_returns_once_everything_is_written(tmp_path):
     assert distsum.finish(timeout=30)
     assert distsum.finish(timeout=30)  # idempotent
     assert acc_scalars(accumulate(tmp_path), "x") == [(s, float(s)) for s in range(3)]
+
+
+def slow_rank_worker(rank: int, logdir: str, errors) -> None:
+    try:
+        distsum.init(rank, 3, logdir=logdir, step_timeout=1.0)
+        if rank == 2:
+            # Far behind: it starts logging after the others have finished their steps, so the
+            # step timeout writes those steps without it and its records arrive late.
+            time.sleep(4)
+        for step in range(0, 10, 2 if rank == 1 else 1):  # rank 1 skips odd steps
+            distsum.scalar("loss", float(rank), step)
+            if rank == 0:
+                distsum.scalar("only_rank_0", 1.0, step)
+        assert distsum.finish(timeout=60)
+    except BaseException as e:
+        errors.put(f"rank {rank}: {e!r}")
+        raise
+
+
+def test_a_slow_rank_does_not_stall_the_others_and_loses_nothing(tmp_path):
+    logdir = str(tmp_path / "run")
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=slow_rank_worker, args=(r, logdir, errors)) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert errors.empty(), errors.get()
+    acc = accumulate(logdir)
+    loss = acc_scalars(acc, "loss")
+    # Every step once, in order, written without the slow rank: mean of ranks 0 and 1 where
+    # rank 1 logged (even steps), rank 0 alone at odd steps.
+    assert loss == [(s, 0.5 if s % 2 == 0 else 0.0) for s in range(10)]
+    assert acc_scalars(acc, "only_rank_0") == [(s, 1.0) for s in range(10)]
+    # The slow rank's records are kept, counted as late, in its late run.
+    late = acc_scalars(accumulate(os.path.join(logdir, "late", "rank_2")), "loss")
+    assert late == [(s, 2.0) for s in range(10)]
+    assert {"distsum/late_records", "distsum/step_lag", "distsum/ranks_alive"} <= set(acc_tags(acc))
+
+
+def test_a_forked_child_that_logs_without_init_gets_a_clear_error(tmp_path):
+    distsum.init(0, 1, logdir=str(tmp_path))
+    try:
+        distsum.scalar("x", 1.0, 0)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what logging does, touch nothing else
+            os.close(read)
+            try:
+                distsum.scalar("x", 2.0, 1)
+                message = "no error"
+            except distsum.DistsumError as e:
+                message = str(e)
+            os.write(write, message.encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            message = f.read()
+        assert os.waitpid(pid, 0)[1] == 0
+        assert "parent process" in message and "distsum.init()" in message
+        distsum.scalar("x", 3.0, 1)
+        assert distsum.finish(timeout=30)
+    finally:
+        distsum.finish(timeout=5)
+    assert acc_scalars(accumulate(tmp_path), "x") == [(0, 1.0), (1, 3.0)]
