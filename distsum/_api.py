@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,9 +96,26 @@ def _job_id() -> str | None:
 
 
 def _embedded_address(run_dir: str, job: str | None) -> str:
-    # Every rank derives the same path from what it already knows, without talking to the others.
+    """Where the embedded aggregator listens; every rank derives it without talking to the others.
+
+    On one machine, an ipc:// path from the run directory and the job id. A torchrun job on
+    several machines (WORLD_SIZE > LOCAL_WORLD_SIZE) uses TCP on MASTER_ADDR, the machine of
+    rank 0, at port DISTSUM_PORT, else MASTER_PORT + 1.
+    """
+    master, world, local = (os.environ.get(v) for v in ("MASTER_ADDR", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if master and world and local and int(world) > int(local):
+        port = os.environ.get("DISTSUM_PORT") or str(int(os.environ.get("MASTER_PORT", "29500")) + 1)
+        return f"tcp://{master}:{int(port)}"
     digest = hashlib.sha1(f"{os.path.abspath(run_dir)}\0{job or ''}".encode()).hexdigest()[:20]
     return f"ipc://{tempfile.gettempdir()}/distsum-{digest}.sock"
+
+
+def _bind_address(addr: str) -> str:
+    # ZeroMQ binds to an interface or an IP address, not a host name.
+    if addr.startswith("tcp://"):
+        host, _, port = addr[len("tcp://") :].rpartition(":")
+        return f"tcp://{socket.gethostbyname(host.strip('[]'))}:{port}"
+    return addr
 
 
 def init(
@@ -145,7 +163,7 @@ def init(
             addr = _embedded_address(run_dir, job)
             run_name = ""
             if rank == 0:
-                aggregator = _start_aggregator(run_dir, addr, world_size, step_timeout)
+                aggregator = _start_aggregator(run_dir, _bind_address(addr), world_size, step_timeout)
         else:
             run_dir = None
             run_name = check_run_name(run or os.environ.get("DISTSUM_RUN") or job or "")
