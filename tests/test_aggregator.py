@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +184,32 @@ def test_a_restarted_aggregator_takes_the_stream_where_the_last_one_left_it(tmp_
     assert code == 0, err
     got = acc_scalars(accumulate(tmp_path / "job"), "x")
     assert got == [(s, float(s)) for s in range(20)]
+
+
+def test_status_line_on_a_terminal(tmp_path):
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distsum.aggregator", "--logdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+    )
+    os.close(follower)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"ranks alive" not in seen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 4096)
+        # One line, rewritten in place: a carriage return and erase-to-end-of-line, no newline.
+        assert b"\rranks alive 0  steps written 0  records/s 0" in seen, seen
+        assert b"\x1b[K" in seen
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        os.close(leader)
+    assert proc.returncode == 0
