@@ -41,6 +41,9 @@ class AggregatorOptions:
     bind: str = "tcp://127.0.0.1:0"
     world_size: int | None = None
     step_timeout: float = 30.0
+    # Event files are fsynced at least this often; a batch is acknowledged as durable only once
+    # its records are written and fsynced. A flush or finish from a rank fsyncs at once.
+    flush_secs: float = 2.0
     # A rank silent for this long (no batch, not even a heartbeat) is no longer waited for.
     rank_timeout: float = 30.0
     # Embedded mode: exit once every rank of the world has finished.
@@ -97,6 +100,9 @@ class Aggregator:
         self.malformed: Counter[str] = Counter()
         self.records = 0
         self.duplicates = 0
+        self._dirty: set[EventFile] = set()
+        self._sync_now = False
+        self._last_sync = time.monotonic()
         self._records_at_status = 0
         self._status_time = time.monotonic()
         self._rate = 0.0
@@ -115,12 +121,15 @@ class Aggregator:
                 now = time.monotonic()
                 self._check_liveness(now)
                 self._write(take_all=False)
+                self._sync(now)
                 self._acknowledge()
                 self._status(now)
                 if self._done(now):
                     break
         finally:
             self._write(take_all=True)
+            self._sync_now = True
+            self._sync(time.monotonic())
             self._acknowledge()
             # Keep answering for a moment: a rank waiting in finish() may have missed the last
             # acknowledgement and resends; closing the socket does not deliver queued ones.
@@ -192,6 +201,8 @@ class Aggregator:
             # Acknowledged all the same: sending it again would not make it valid.
             self._malformed("bad records", identity, str(e))
         stream.received = batch.seq
+        if batch.flush or batch.finish:
+            self._sync_now = True
         if batch.flush:
             run.merger.rank_flushed(origin.rank)
         if batch.finish:
@@ -252,6 +263,7 @@ class Aggregator:
         if rank == 0:
             for raw in batch.raws:
                 self._file(stream.run, self._runs[stream.run], raw.subrun).write([raw.event])
+                self._dirty.add(self._file(stream.run, self._runs[stream.run], raw.subrun))
         if steps:
             run = self._runs[stream.run]
             run.highest_step = max(run.highest_step, max(steps))
@@ -303,12 +315,25 @@ class Aggregator:
                     event.summary.value.extend(to_values(items))
                     payloads.setdefault(path, []).append(event.SerializeToString())
             for path, data in payloads.items():
-                self._file(name, run, path).write(data)
+                f = self._file(name, run, path)
+                f.write(data)
+                self._dirty.add(f)
             # A stream's records at a step are written once the merger no longer holds the step.
             for stream in self._streams.values():
                 if stream.run == name:
                     for step in [s for s in stream.open_steps if not run.merger.holds(s)]:
                         del stream.open_steps[step]
+
+    def _sync(self, now: float) -> None:
+        """Fsync what was written, at most ``flush_secs`` apart, then let acks call it durable."""
+        if not (self._sync_now or now - self._last_sync >= self.options.flush_secs):
+            return
+        for f in self._dirty:
+            f.fsync()
+        self._dirty.clear()
+        self._sync_now, self._last_sync = False, now
+        for stream in self._streams.values():
+            stream.durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
 
     def _file(self, name: str, run: _Run, path: str) -> EventFile:
         f = run.files.get(path)
@@ -338,7 +363,6 @@ class Aggregator:
 
     def _acknowledge(self) -> None:
         for (run, _rank, stream_id), stream in self._streams.items():
-            stream.durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
             if stream.acked != (stream.received, stream.durable):
                 size = self._runs[run].world_size
                 try:

@@ -1,11 +1,12 @@
 """``distsum-aggregator``: the daemon that merges every rank's records into one run per job.
 
-    distsum-aggregator --logdir DIR [--bind ADDR] [--world-size N] [--step-timeout S]
+    distsum-aggregator --logdir DIR [--bind ADDR] [--world-size N] [--flush-secs S]
+                       [--step-timeout S] [--rank-timeout S]
 
 Every flag can also be set from the environment (``DISTSUM_LOGDIR``, ``DISTSUM_BIND``,
-``DISTSUM_WORLD_SIZE``, ``DISTSUM_STEP_TIMEOUT``, ``DISTSUM_RANK_TIMEOUT``); a flag wins over the
-environment. It binds to loopback unless told otherwise, prints the address it listens on, and on
-SIGINT or SIGTERM writes out everything it holds and exits 0.
+``DISTSUM_WORLD_SIZE``, ``DISTSUM_FLUSH_SECS``, ``DISTSUM_STEP_TIMEOUT``, ``DISTSUM_RANK_TIMEOUT``);
+a flag wins over the environment. It binds to loopback unless told otherwise, prints the address
+it listens on, and on SIGINT or SIGTERM writes out everything it holds and exits 0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", default=_env("DISTSUM_LOGDIR"), help="root directory of the runs")
     parser.add_argument("--bind", default=_env("DISTSUM_BIND", "tcp://127.0.0.1:0"))
     parser.add_argument("--world-size", type=int, default=_env("DISTSUM_WORLD_SIZE"))
+    parser.add_argument("--flush-secs", type=float, default=_env("DISTSUM_FLUSH_SECS", "2"))
     parser.add_argument("--step-timeout", type=float, default=_env("DISTSUM_STEP_TIMEOUT", "30"))
     parser.add_argument("--rank-timeout", type=float, default=_env("DISTSUM_RANK_TIMEOUT", "30"))
     parser.add_argument("--exit-when-done", action="store_true", help=argparse.SUPPRESS)
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                 bind=args.bind,
                 world_size=args.world_size,
                 step_timeout=args.step_timeout,
+                flush_secs=args.flush_secs,
                 rank_timeout=args.rank_timeout,
                 exit_when_done=args.exit_when_done,
                 parent_pid=args.parent_pid,
