@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -164,3 +166,16 @@ def test_a_forked_child_that_logs_without_init_gets_a_clear_error(tmp_path):
     finally:
         distsum.finish(timeout=5)
     assert acc_scalars(accumulate(tmp_path), "x") == [(0, 1.0), (1, 3.0)]
+
+
+def test_ranks_that_never_call_finish_are_finished_at_exit(tmp_path):
+    script = (
+        "import sys, distsum\n"
+        "rank = int(sys.argv[1])\n"
+        "distsum.init(rank, 2, logdir=sys.argv[2])\n"
+        "for step in range(5):\n"
+        "    distsum.scalar('x', rank, step)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(tmp_path)]) for r in range(2)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    assert acc_scalars(accumulate(tmp_path), "x") == [(s, 0.5) for s in range(5)]
