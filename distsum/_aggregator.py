@@ -75,6 +75,8 @@ class _Run:
     last_health_step: int = -1
     # The highest step any rank of the run has logged, for the step lag.
     highest_step: int = -1
+    # Serialized events by run path, (step, event), not yet written (the disk refused them).
+    pending: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -100,6 +102,7 @@ class Aggregator:
         self.malformed: Counter[str] = Counter()
         self.records = 0
         self.duplicates = 0
+        self.disk_errors = 0
         self._dirty: set[EventFile] = set()
         self._sync_now = False
         self._last_sync = time.monotonic()
@@ -138,9 +141,15 @@ class Aggregator:
                 if poller.poll(50):
                     self._receive_all()
                 self._acknowledge()
-            for run in self._runs.values():
+            for name, run in self._runs.items():
+                if run.pending:
+                    count = sum(len(entries) for entries in run.pending.values())
+                    log.error("exiting with %d events of run %r that the disk did not take", count, name)
                 for f in run.files.values():
-                    f.close()
+                    try:
+                        f.close()
+                    except OSError as e:
+                        self._disk_error(f.path, e)
             self._socket.close(linger=0)
             self._context.term()
 
@@ -305,32 +314,50 @@ class Aggregator:
     def _write(self, *, take_all: bool) -> None:
         for name, run in self._runs.items():
             steps = run.merger.take_all() if take_all else run.merger.take_ready()
-            if not steps:
-                continue
-            self._add_health(run, steps)
-            payloads: dict[str, list[bytes]] = {}
+            if steps:
+                self._add_health(run, steps)
             for merged in steps:
                 for path, items in merged.outputs.items():
                     event = event_pb2.Event(wall_time=merged.wall_time, step=merged.step)
                     event.summary.value.extend(to_values(items))
-                    payloads.setdefault(path, []).append(event.SerializeToString())
-            for path, data in payloads.items():
-                f = self._file(name, run, path)
-                f.write(data)
+                    run.pending.setdefault(path, []).append((merged.step, event.SerializeToString()))
+            if not run.pending:
+                continue
+            for path in list(run.pending):
+                # Kept until written: a full disk or a lost directory is retried every round.
+                try:
+                    f = self._file(name, run, path)
+                    f.write([event for _, event in run.pending[path]])
+                except OSError as e:
+                    self._disk_error(os.path.join(self.root, name, path), e)
+                    continue
+                del run.pending[path]
                 self._dirty.add(f)
-            # A stream's records at a step are written once the merger no longer holds the step.
+            unwritten = {step for entries in run.pending.values() for step, _ in entries}
+            # A stream's records at a step are written once the merger no longer holds the step
+            # and nothing of it waits for the disk.
             for stream in self._streams.values():
                 if stream.run == name:
-                    for step in [s for s in stream.open_steps if not run.merger.holds(s)]:
+                    done = [s for s in stream.open_steps if not run.merger.holds(s) and s not in unwritten]
+                    for step in done:
                         del stream.open_steps[step]
+
+    def _disk_error(self, path: str, error: OSError) -> None:
+        if not self.disk_errors:
+            log.error("writing %s failed (%s); holding the data and retrying", path, error.strerror or error)
+        self.disk_errors += 1
 
     def _sync(self, now: float) -> None:
         """Fsync what was written, at most ``flush_secs`` apart, then let acks call it durable."""
         if not (self._sync_now or now - self._last_sync >= self.options.flush_secs):
             return
-        for f in self._dirty:
-            f.fsync()
-        self._dirty.clear()
+        try:
+            for f in list(self._dirty):
+                f.fsync()
+                self._dirty.discard(f)
+        except OSError as e:
+            self._disk_error("an event file", e)
+            return
         self._sync_now, self._last_sync = False, now
         for stream in self._streams.values():
             stream.durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
@@ -356,6 +383,7 @@ class Aggregator:
             ScalarItem("distsum/late_records", float(stats.late)),
             ScalarItem("distsum/dropped_records", float(dropped)),
             ScalarItem("distsum/open_steps", float(stats.open_steps)),
+            ScalarItem("distsum/disk_errors", float(self.disk_errors)),
             # How far the written run trails the newest step any rank logged.
             ScalarItem("distsum/step_lag", float(max(0, run.highest_step - last.step))),
         ]
@@ -386,6 +414,7 @@ class Aggregator:
         line = (
             f"ranks alive {alive}  steps written {written}  records/s {self._rate:,.0f}  "
             f"late {late}  dropped {sum(self.malformed.values())}  duplicates {self.duplicates}"
+            f"  disk errors {self.disk_errors}"
         )
         if sys.stderr.isatty():
             sys.stderr.write("\r" + line + "\x1b[K")

@@ -80,9 +80,10 @@ class EventFile:
             f".{next(_file_counter):06d}{filename_suffix}"
         )
         self.path = os.path.join(self.logdir, name)
-        # O_EXCL: never write into a file that already exists, whoever made it.
+        # O_EXCL: never write into a file that already exists, whoever made it. O_APPEND: after
+        # a failed write is cut back, the next one starts at the new end, not past a hole.
         self._fd: int | None = os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
         )
         self._size = 0
         self.write([_file_version_event()])

@@ -213,3 +213,64 @@ def test_status_line_on_a_terminal(tmp_path):
         proc.communicate(timeout=60)
         os.close(leader)
     assert proc.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KiB tmpfs, as root; the test fills it to make the disk full for real."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, timeout=30
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def test_a_full_disk_is_reported_corrupts_nothing_and_writing_resumes(small_disk):
+    import threading
+
+    logdir = small_disk / "runs"
+    proc, addr = start_daemon(logdir, "--world-size", "1", "--step-timeout", "3600")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    filler = small_disk / "filler"
+    try:
+        distsum.init(0, 1, addr=addr, run="job")
+        for step in range(10):
+            distsum.scalar("x", step, step)
+        distsum.scalar("x", 10, 10)
+        assert distsum.flush(timeout=60)
+        poll_until(lambda: acc_scalars(accumulate(logdir / "job"), "x"), lambda r: len(r) >= 10)
+        with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        for step in range(11, 40):
+            distsum.text("note", "x" * 2000, step)
+            distsum.scalar("x", step, step)
+        assert distsum.flush(timeout=60)
+        poll_until(lambda: list(lines), lambda seen: any("failed" in line for line in seen), timeout=60)
+        # What was written stays whole and readable while the disk is full.
+        assert acc_scalars(accumulate(logdir / "job"), "x")[:10] == [(s, float(s)) for s in range(10)]
+        filler.unlink()
+        assert distsum.finish(timeout=60)
+    finally:
+        distsum.finish(timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        reader.join(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 0, "".join(lines)
+    assert sum("failed" in line for line in lines) == 1  # one line, however many retries
+    assert acc_scalars(accumulate(logdir / "job"), "x") == [(s, float(s)) for s in range(40)]

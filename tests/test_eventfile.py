@@ -185,3 +185,33 @@ def test_disk_error_reaches_the_caller_and_leaves_whole_records(tmp_path):
     events = read_file_events(path)  # strict: every record whole
     assert [e.step for e in events[1:]] == list(range(len(events) - 1))
     assert os.path.getsize(path) <= 50_000
+
+
+def test_a_write_that_failed_can_be_retried_and_the_file_stays_whole(tmp_path):
+    # EFBIG partway through a write (the file-size limit, a real failure), then the limit is
+    # raised, as space coming back on a full disk: the retry continues right after the last
+    # whole record, with no hole or torn record in between.
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        from distsum._eventfile import EventFile
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+        f = EventFile({str(tmp_path)!r})
+        print(f.path)
+        f.write([b"a" * 1000])
+        try:
+            f.write([b"b" * 1000, b"c" * 1000])
+            raise SystemExit("no error")
+        except OSError:
+            pass
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        f.write([b"b" * 1000, b"c" * 1000])
+        f.close()
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    with open(out.strip(), "rb") as f:
+        assert parse_records(f.read())[1:] == [b"a" * 1000, b"b" * 1000, b"c" * 1000]
