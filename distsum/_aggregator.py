@@ -8,6 +8,7 @@ counted and logged (one line per cause), never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -152,6 +153,10 @@ class Aggregator:
                         self._disk_error(f.path, e)
             self._socket.close(linger=0)
             self._context.term()
+            # libzmq leaves an ipc socket's file behind.
+            if self.address.startswith("ipc://") and not self.address.startswith("ipc://@"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.address[len("ipc://") :])
 
     # --- input ---------------------------------------------------------------------------------
 
