@@ -35,6 +35,19 @@ __all__ = ["Aggregator", "AggregatorOptions"]
 
 log = logging.getLogger("distsum.aggregator")
 
+_HEALTH_TAGS = tuple(
+    f"distsum/{name}"
+    for name in (
+        "ranks_alive",
+        "records_per_second",
+        "late_records",
+        "dropped_records",
+        "open_steps",
+        "disk_errors",
+        "step_lag",
+    )
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class AggregatorOptions:
@@ -230,6 +243,10 @@ class Aggregator:
             run = self._runs[name] = _Run(
                 RunMerger(step_timeout=self.options.step_timeout, world_size=size), size or 0
             )
+            # Claimed first, so a rank's own series of these names counts as a conflict instead
+            # of writing the same (tag, step) twice.
+            for tag in _HEALTH_TAGS:
+                run.merger.series("", tag, wire_pb2.SCALAR, (wire_pb2.MEAN,))
         elif world_size and not self.options.world_size and world_size != run.world_size:
             run.world_size = world_size
             run.merger.set_world_size(world_size)
@@ -320,7 +337,7 @@ class Aggregator:
         for name, run in self._runs.items():
             steps = run.merger.take_all() if take_all else run.merger.take_ready()
             if steps:
-                self._add_health(run, steps)
+                self._add_health(name, run, steps)
             for merged in steps:
                 for path, items in merged.outputs.items():
                     event = event_pb2.Event(wall_time=merged.wall_time, step=merged.step)
@@ -373,25 +390,26 @@ class Aggregator:
             f = run.files[path] = EventFile(os.path.join(self.root, name, path))
         return f
 
-    def _add_health(self, run: _Run, steps: list[MergedStep]) -> None:
+    def _add_health(self, name: str, run: _Run, steps: list[MergedStep]) -> None:
         """The aggregator's own series under ``distsum/``, at the last step written this time."""
         last = steps[-1]
         if last.step <= run.last_health_step:
             return
         run.last_health_step = last.step
         stats = run.merger.stats()
-        alive = sum(1 for s in self._streams.values() if not s.finished)
+        alive = sum(1 for s in self._streams.values() if s.run == name and not s.finished)
         dropped = stats.late_dropped + stats.conflicts + sum(self.malformed.values())
-        health = [
-            ScalarItem("distsum/ranks_alive", float(alive)),
-            ScalarItem("distsum/records_per_second", self._rate),
-            ScalarItem("distsum/late_records", float(stats.late)),
-            ScalarItem("distsum/dropped_records", float(dropped)),
-            ScalarItem("distsum/open_steps", float(stats.open_steps)),
-            ScalarItem("distsum/disk_errors", float(self.disk_errors)),
+        values = (
+            alive,
+            self._rate,
+            stats.late,
+            dropped,
+            stats.open_steps,
+            self.disk_errors,
             # How far the written run trails the newest step any rank logged.
-            ScalarItem("distsum/step_lag", float(max(0, run.highest_step - last.step))),
-        ]
+            max(0, run.highest_step - last.step),
+        )
+        health = [ScalarItem(tag, float(v)) for tag, v in zip(_HEALTH_TAGS, values, strict=True)]
         last.outputs.setdefault("", []).extend(health)
 
     def _acknowledge(self) -> None:
