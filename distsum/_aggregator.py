@@ -23,11 +23,13 @@ from types import FrameType
 import numpy as np
 import zmq
 
+from distsum._errors import DistsumError
 from distsum._eventfile import EventFile
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage
 from distsum._merge import MergedStep, RunMerger
 from distsum._proto import event_pb2, wire_pb2
+from distsum._security import ServerKeys, is_local
 from distsum._summaries import ScalarItem, to_values
 from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack
 
@@ -65,6 +67,9 @@ class AggregatorOptions:
     # Embedded mode: exit when this process is gone and every rank has been silent for a while.
     parent_pid: int | None = None
     status_interval: float = 5.0
+    # CURVE keys; without them, a bind beyond this machine needs insecure=True.
+    keys: ServerKeys | None = None
+    insecure: bool = False
 
 
 @dataclass
@@ -108,7 +113,22 @@ class Aggregator:
         self._socket.setsockopt(zmq.RCVHWM, 100_000)
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self._socket.bind(options.bind)
+        self._auth = None
+        if options.keys is not None:
+            self._auth = options.keys.apply(self._context, self._socket)
+        elif not is_local(options.bind) and not options.insecure:
+            self._socket.close(linger=0)
+            self._context.term()
+            raise DistsumError(
+                f"refusing to listen on {options.bind} without authentication: anyone who reaches "
+                "it could write into the runs; give CURVE keys (--curve-secret and --curve-clients), "
+                "bind to loopback, or pass --insecure"
+            )
+        try:
+            self._socket.bind(options.bind)
+        except zmq.ZMQError as e:
+            self._close_socket()
+            raise OSError(f"cannot listen on {options.bind}: {e}") from None
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._runs: dict[str, _Run] = {}
         self._streams: dict[tuple[str, int, int], _Stream] = {}
@@ -123,6 +143,12 @@ class Aggregator:
         self._records_at_status = 0
         self._status_time = time.monotonic()
         self._rate = 0.0
+
+    def _close_socket(self) -> None:
+        self._socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,8 +190,7 @@ class Aggregator:
                         f.close()
                     except OSError as e:
                         self._disk_error(f.path, e)
-            self._socket.close(linger=0)
-            self._context.term()
+            self._close_socket()
             # libzmq leaves an ipc socket's file behind.
             if self.address.startswith("ipc://") and not self.address.startswith("ipc://@"):
                 with contextlib.suppress(FileNotFoundError):

@@ -26,6 +26,7 @@ from distsum._client import HISTOGRAM, IMAGES, SCALAR, TEXT, Client, ClientOptio
 from distsum._errors import DistsumError
 from distsum._image import prepare_images
 from distsum._proto import wire_pb2
+from distsum._security import ClientKeys, is_local
 from distsum._wire import check_run_name
 
 __all__ = [
@@ -132,7 +133,9 @@ def init(
     ``logdir`` is the run directory in embedded mode (default ``runs/<job id>``); with a running
     aggregator (``addr`` or ``DISTSUM_ADDR``), ``run`` (or ``DISTSUM_RUN``, else the launcher's
     job id) names the run below the aggregator's logdir. ``options`` are ``ClientOptions`` fields
-    plus ``step_timeout`` for the embedded aggregator.
+    plus ``step_timeout`` for the embedded aggregator, and ``curve_secret`` (this rank's secret key
+    file) with ``curve_server_key`` (the aggregator's public key file) for an aggregator that
+    requires CURVE authentication (else ``DISTSUM_CURVE_RANK_SECRET``, ``DISTSUM_CURVE_SERVER_KEY``).
     """
     global _state, _atexit_registered
     env_rank, env_size = _launcher_env()
@@ -146,6 +149,11 @@ def init(
     if not isinstance(rank, int) or rank < 0 or (world_size is not None and not 0 <= rank < world_size):
         raise ValueError(f"rank {rank!r} is not in a world of size {world_size!r}")
     step_timeout = float(options.pop("step_timeout", 30.0))
+    secret = options.pop("curve_secret", None) or os.environ.get("DISTSUM_CURVE_RANK_SECRET")
+    server_key = options.pop("curve_server_key", None) or os.environ.get("DISTSUM_CURVE_SERVER_KEY")
+    if bool(secret) != bool(server_key):
+        raise ValueError("curve_secret and curve_server_key go together (a rank's key and the aggregator's)")
+    keys = ClientKeys(os.fspath(secret), os.fspath(server_key)) if secret and server_key else None
     client_options = ClientOptions(**options)
     job = _job_id()
     addr = addr or os.environ.get("DISTSUM_ADDR")
@@ -171,7 +179,13 @@ def init(
                 raise ValueError("pass run= to distsum.init() (or set DISTSUM_RUN): no launcher job id")
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         client = Client(
-            addr, run=run_name, rank=rank, world_size=world_size, restart=restart, options=client_options
+            addr,
+            run=run_name,
+            rank=rank,
+            world_size=world_size,
+            restart=restart,
+            options=client_options,
+            keys=keys,
         )
         _state = _State(client, run_dir, aggregator)
         if not _atexit_registered:
@@ -202,6 +216,10 @@ def _start_aggregator(
     ]
     if world_size:
         command += ["--world-size", str(world_size)]
+    if not is_local(addr):
+        # A job on several machines: rank 0's aggregator trusts the job's network as torch's own
+        # rendezvous store does. A standalone aggregator with CURVE keys is the authenticated way.
+        command.append("--insecure")
     # Its own session: a Ctrl-C meant for the training job must not cut the aggregator off
     # before the ranks' last records are written; it exits when the job is done. Its log goes
     # beside the run's event files, out of the training job's terminal.

@@ -27,6 +27,7 @@ from distsum._errors import DistsumError
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
+from distsum._security import ClientKeys
 from distsum._wire import WireError, decode_ack, encode_batch
 
 __all__ = ["Client", "ClientOptions"]
@@ -82,6 +83,7 @@ class Client:
         world_size: int | None,
         restart: int = 0,
         options: ClientOptions | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.addr = addr
         self.options = options or ClientOptions()
@@ -115,6 +117,8 @@ class Client:
         self._socket.setsockopt(zmq.RCVHWM, 10_000)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        if keys is not None:
+            keys.apply(self._socket)
         self._socket.connect(addr)
         self._thread = threading.Thread(target=self._run, name="distsum-sender", daemon=True)
         self._thread.start()

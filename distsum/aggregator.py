@@ -17,6 +17,8 @@ import os
 import sys
 
 from distsum._aggregator import Aggregator, AggregatorOptions, install_signal_handlers
+from distsum._errors import DistsumError
+from distsum._security import ServerKeys
 
 __all__ = ["main"]
 
@@ -33,11 +35,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flush-secs", type=float, default=_env("DISTSUM_FLUSH_SECS", "2"))
     parser.add_argument("--step-timeout", type=float, default=_env("DISTSUM_STEP_TIMEOUT", "30"))
     parser.add_argument("--rank-timeout", type=float, default=_env("DISTSUM_RANK_TIMEOUT", "30"))
+    parser.add_argument(
+        "--curve-secret",
+        default=_env("DISTSUM_CURVE_SECRET"),
+        help="the aggregator's secret key file (distsum keygen); requires --curve-clients",
+    )
+    parser.add_argument(
+        "--curve-clients",
+        default=_env("DISTSUM_CURVE_CLIENTS"),
+        help="directory of the public key files of the ranks allowed to connect",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env("DISTSUM_INSECURE", "") not in ("", "0"),
+        help="listen beyond loopback without authentication",
+    )
     parser.add_argument("--exit-when-done", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.logdir:
         parser.error("--logdir (or DISTSUM_LOGDIR) is required")
+    if bool(args.curve_secret) != bool(args.curve_clients):
+        parser.error("--curve-secret and --curve-clients go together")
+    keys = ServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     logging.basicConfig(level=logging.INFO, format="distsum-aggregator: %(message)s")
     try:
         aggregator = Aggregator(
@@ -50,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                 rank_timeout=args.rank_timeout,
                 exit_when_done=args.exit_when_done,
                 parent_pid=args.parent_pid,
+                keys=keys,
+                insecure=args.insecure,
             )
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, DistsumError) as e:
         print(f"distsum-aggregator: {e}", file=sys.stderr)
         return 2
     install_signal_handlers(aggregator)
