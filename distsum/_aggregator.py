@@ -24,13 +24,13 @@ import numpy as np
 import zmq
 
 from distsum._errors import DistsumError
-from distsum._eventfile import EventFile
+from distsum._eventfile import EventFile, is_event_file, read_records
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage
 from distsum._merge import MergedStep, RunMerger
 from distsum._proto import event_pb2, wire_pb2
 from distsum._security import ServerKeys, is_local
-from distsum._summaries import ScalarItem, to_values
+from distsum._summaries import Item, ScalarItem, to_values
 from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack
 
 __all__ = ["Aggregator", "AggregatorOptions"]
@@ -96,6 +96,9 @@ class _Run:
     highest_step: int = -1
     # Serialized events by run path, (step, event), not yet written (the disk refused them).
     pending: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)
+    # (run path, tag) -> the last step an earlier aggregator wrote there: ranks resend what was
+    # not acknowledged as durable when it died, and none of it may be written twice.
+    recovered: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -137,6 +140,8 @@ class Aggregator:
         self.records = 0
         self.duplicates = 0
         self.disk_errors = 0
+        # Items not written because an earlier aggregator had written them (after a restart).
+        self.rewritten = 0
         self._dirty: set[EventFile] = set()
         self._sync_now = False
         self._last_sync = time.monotonic()
@@ -268,6 +273,9 @@ class Aggregator:
             run = self._runs[name] = _Run(
                 RunMerger(step_timeout=self.options.step_timeout, world_size=size), size or 0
             )
+            run.recovered = _written_steps(os.path.join(self.root, name))
+            if run.recovered:
+                log.info("run %r: read back %d series written before", name or ".", len(run.recovered))
             # Claimed first, so a rank's own series of these names counts as a conflict instead
             # of writing the same (tag, step) twice.
             for tag in _HEALTH_TAGS:
@@ -365,6 +373,10 @@ class Aggregator:
                 self._add_health(name, run, steps)
             for merged in steps:
                 for path, items in merged.outputs.items():
+                    if run.recovered:
+                        items = self._not_written_before(run, path, merged.step, items)
+                        if not items:
+                            continue
                     event = event_pb2.Event(wall_time=merged.wall_time, step=merged.step)
                     event.summary.value.extend(to_values(items))
                     run.pending.setdefault(path, []).append((merged.step, event.SerializeToString()))
@@ -388,6 +400,11 @@ class Aggregator:
                     done = [s for s in stream.open_steps if not run.merger.holds(s) and s not in unwritten]
                     for step in done:
                         del stream.open_steps[step]
+
+    def _not_written_before(self, run: _Run, path: str, step: int, items: list[Item]) -> list[Item]:
+        kept = [item for item in items if run.recovered.get((path, item.tag), -1) < step]
+        self.rewritten += len(items) - len(kept)
+        return kept
 
     def _disk_error(self, path: str, error: OSError) -> None:
         if not self.disk_errors:
@@ -471,6 +488,30 @@ class Aggregator:
             (now - elapsed) / self.options.status_interval
         ):
             log.info("%s", line)
+
+
+def _written_steps(run_dir: str) -> dict[tuple[str, str], int]:
+    """(run path, tag) -> the last step of that tag in the event files below ``run_dir``."""
+    last: dict[tuple[str, str], int] = {}
+    for directory, _, names in os.walk(run_dir):
+        path = os.path.relpath(directory, run_dir)
+        path = "" if path == os.curdir else path.replace(os.sep, "/")
+        for name in sorted(n for n in names if is_event_file(n)):
+            try:
+                records = list(read_records(os.path.join(directory, name)))
+            except OSError as e:
+                log.warning("cannot read %s back: %s", os.path.join(directory, name), e)
+                continue
+            for payload in records:
+                try:
+                    event = event_pb2.Event.FromString(payload)
+                except Exception:  # a record that is not an Event: nothing of ours
+                    continue
+                for value in event.summary.value:
+                    key = (path, value.tag)
+                    if event.step > last.get(key, -1):
+                        last[key] = event.step
+    return last
 
 
 def _alive(pid: int) -> bool:

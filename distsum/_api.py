@@ -12,8 +12,6 @@ import atexit
 import hashlib
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,10 +21,11 @@ import numpy as np
 
 from distsum import _validate
 from distsum._client import HISTOGRAM, IMAGES, SCALAR, TEXT, Client, ClientOptions
+from distsum._embedded import EmbeddedAggregator
 from distsum._errors import DistsumError
 from distsum._image import prepare_images
 from distsum._proto import wire_pb2
-from distsum._security import ClientKeys, is_local
+from distsum._security import ClientKeys
 from distsum._wire import check_run_name
 
 __all__ = [
@@ -69,7 +68,7 @@ _JOB_IDS = ("TORCHELASTIC_RUN_ID", "OMPI_MCA_orte_hnp_uri", "PMIX_NAMESPACE", "S
 
 
 class _State:
-    def __init__(self, client: Client, run_dir: str | None, aggregator: subprocess.Popen[bytes] | None):
+    def __init__(self, client: Client, run_dir: str | None, aggregator: EmbeddedAggregator | None):
         self.client = client
         self.run_dir = run_dir
         self.aggregator = aggregator
@@ -171,7 +170,7 @@ def init(
             addr = _embedded_address(run_dir, job)
             run_name = ""
             if rank == 0:
-                aggregator = _start_aggregator(run_dir, _bind_address(addr), world_size, step_timeout)
+                aggregator = EmbeddedAggregator(run_dir, _bind_address(addr), world_size, step_timeout)
         else:
             run_dir = None
             run_name = check_run_name(run or os.environ.get("DISTSUM_RUN") or job or "")
@@ -195,43 +194,6 @@ def init(
 
 def _pid_of(state: _State) -> int:
     return state.client._origin.pid
-
-
-def _start_aggregator(
-    run_dir: str, addr: str, world_size: int | None, step_timeout: float
-) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "distsum.aggregator",
-        "--logdir",
-        run_dir,
-        "--bind",
-        addr,
-        "--step-timeout",
-        str(step_timeout),
-        "--exit-when-done",
-        "--parent-pid",
-        str(os.getpid()),
-    ]
-    if world_size:
-        command += ["--world-size", str(world_size)]
-    if not is_local(addr):
-        # A job on several machines: rank 0's aggregator trusts the job's network as torch's own
-        # rendezvous store does. A standalone aggregator with CURVE keys is the authenticated way.
-        command.append("--insecure")
-    # Its own session: a Ctrl-C meant for the training job must not cut the aggregator off
-    # before the ranks' last records are written; it exits when the job is done. Its log goes
-    # beside the run's event files, out of the training job's terminal.
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "distsum-aggregator.log"), "ab") as log_file:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-        )
 
 
 def client() -> Client:
@@ -348,15 +310,13 @@ def finish(timeout: float | None = 30.0) -> bool:
             return True
         _state = None
     deadline = None if timeout is None else time.monotonic() + timeout
+    if state.aggregator is not None:
+        # It exits once every rank has finished, this one included: not a crash to recover from.
+        state.aggregator.stop_watching()
     ok = state.client.close(timeout)
     if state.aggregator is not None:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            state.aggregator.wait(remaining)
-        except subprocess.TimeoutExpired:
-            state.aggregator.terminate()  # it writes out everything it holds on SIGTERM
-            state.aggregator.wait()
-            ok = False
+        ok = state.aggregator.wait(remaining) and ok
     return ok
 
 

@@ -25,14 +25,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import crc32c
 
 from distsum._errors import WriterClosedError, WriterError
 from distsum._proto import event_pb2
 
-__all__ = ["EventFile", "EventWriter", "frame", "masked_crc32c"]
+__all__ = ["EventFile", "EventWriter", "frame", "is_event_file", "masked_crc32c", "read_records"]
 
 FILE_VERSION = "brain.Event:2"
 WRITER_NAME = "distsum"
@@ -55,6 +55,34 @@ def frame(payload: bytes) -> bytes:
     """Return ``payload`` framed as one TFRecord."""
     header = _LENGTH.pack(len(payload))
     return b"".join((header, _CRC.pack(masked_crc32c(header)), payload, _CRC.pack(masked_crc32c(payload))))
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[bytes]:
+    """The payloads of an event file's whole, intact records, in order.
+
+    Stops quietly at the first record that is cut short or fails its checksums: the tail a crash
+    left behind.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    offset = 0
+    while offset + 12 <= len(data):
+        header = data[offset : offset + 8]
+        if _CRC.unpack_from(data, offset + 8)[0] != masked_crc32c(header):
+            return
+        (length,) = _LENGTH.unpack(header)
+        end = offset + 12 + length
+        if end + 4 > len(data):
+            return
+        payload = data[offset + 12 : end]
+        if _CRC.unpack_from(data, end)[0] != masked_crc32c(payload):
+            return
+        yield payload
+        offset = end + 4
+
+
+def is_event_file(name: str) -> bool:
+    return "tfevents" in name
 
 
 def _file_version_event() -> bytes:

@@ -170,7 +170,11 @@ def test_a_restarted_aggregator_takes_the_stream_where_the_last_one_left_it(tmp_
         # Step 9 is written once the rank moves past it, which it does on its next record.
         distsum.scalar("x", 10, 10)
         assert distsum.flush(timeout=60)
-        poll_until(lambda: acc_scalars(accumulate(tmp_path / "job"), "x"), lambda r: len(r) >= 10)
+        poll_until(
+            lambda: acc_scalars(accumulate(tmp_path / "job"), "x"),
+            lambda r: len(r) >= 10,
+            retry_on=(KeyError, FileNotFoundError),
+        )
         proc.kill()
         proc.communicate(timeout=30)
         # The same address: the rank's socket reconnects by itself.
@@ -248,7 +252,11 @@ def test_a_full_disk_is_reported_corrupts_nothing_and_writing_resumes(small_disk
             distsum.scalar("x", step, step)
         distsum.scalar("x", 10, 10)
         assert distsum.flush(timeout=60)
-        poll_until(lambda: acc_scalars(accumulate(logdir / "job"), "x"), lambda r: len(r) >= 10)
+        poll_until(
+            lambda: acc_scalars(accumulate(logdir / "job"), "x"),
+            lambda r: len(r) >= 10,
+            retry_on=(KeyError, FileNotFoundError),
+        )
         with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
             try:
                 while True:

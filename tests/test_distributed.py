@@ -6,14 +6,21 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import distsum
 from distsum._histogram import Histogram
-from tests.tbreaders import acc_histograms, acc_images, acc_scalars, acc_tags, acc_text, accumulate
+from tests.tbreaders import (
+    acc_histograms,
+    acc_images,
+    acc_scalars,
+    acc_tags,
+    acc_text,
+    accumulate,
+    poll_until,
+)
 
 WORLD = 4
 STEPS = 20
@@ -102,18 +109,31 @@ def test_a_single_rank_finish_returns_once_everything_is_written(tmp_path):
     assert acc_scalars(accumulate(tmp_path), "x") == [(s, float(s)) for s in range(3)]
 
 
-def slow_rank_worker(rank: int, logdir: str, errors) -> None:
+def slow_rank_worker(rank: int, logdir: str, errors, others_done) -> None:
     try:
         distsum.init(rank, 3, logdir=logdir, step_timeout=1.0)
         if rank == 2:
-            # Far behind: it starts logging after the others have finished their steps, so the
-            # step timeout writes those steps without it and its records arrive late.
-            time.sleep(4)
+            # Far behind: it starts logging once the others have finished and their steps were
+            # written without it (the step timeout), so all its records arrive late.
+            assert all(done.wait(60) for done in others_done)
         for step in range(0, 10, 2 if rank == 1 else 1):  # rank 1 skips odd steps
             distsum.scalar("loss", float(rank), step)
             if rank == 0:
                 distsum.scalar("only_rank_0", 1.0, step)
+        if rank == 0:
+            # Rank 0 hosts the aggregator, so its finish() waits for the whole job: it only
+            # waits here until its steps are on disk.
+            assert distsum.flush(timeout=60)
+            poll_until(
+                lambda: acc_scalars(accumulate(logdir), "only_rank_0"),
+                lambda r: len(r) == 10,
+                timeout=60,
+                retry_on=(KeyError, FileNotFoundError),
+            )
+            others_done[0].set()
         assert distsum.finish(timeout=60)
+        if rank == 1:
+            others_done[1].set()
     except BaseException as e:
         errors.put(f"rank {rank}: {e!r}")
         raise
@@ -123,7 +143,8 @@ def test_a_slow_rank_does_not_stall_the_others_and_loses_nothing(tmp_path):
     logdir = str(tmp_path / "run")
     ctx = multiprocessing.get_context("spawn")
     errors = ctx.Queue()
-    procs = [ctx.Process(target=slow_rank_worker, args=(r, logdir, errors)) for r in range(3)]
+    others_done = [ctx.Event(), ctx.Event()]
+    procs = [ctx.Process(target=slow_rank_worker, args=(r, logdir, errors, others_done)) for r in range(3)]
     for p in procs:
         p.start()
     for p in procs:

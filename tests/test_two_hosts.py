@@ -48,8 +48,8 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
-def in_ns(ns: str, *command: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+def in_ns(ns: str, *command: str, extra_env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), **(extra_env or {})}
     return subprocess.Popen(["ip", "netns", "exec", ns, *command], env=env, **kwargs)
 
 
@@ -67,32 +67,48 @@ RANK = textwrap.dedent(
 
 def test_ranks_on_one_host_aggregator_on_another(two_hosts, tmp_path):
     a, b = two_hosts
+    # Beyond loopback the aggregator requires keys: CURVE over the wire between the hosts.
+    keys = tmp_path / "keys"
+    for name in ("aggregator", "ranks"):
+        subprocess.run([sys.executable, "-m", "distsum", "keygen", str(keys), "--name", name], check=True)
+    allowed = keys / "allowed"
+    allowed.mkdir()
+    shutil.copy(keys / "ranks.key", allowed)
     daemon = in_ns(
         a,
         sys.executable,
         "-m",
         "distsum.aggregator",
         "--logdir",
-        str(tmp_path),
+        str(tmp_path / "runs"),
         "--bind",
         f"tcp://{ADDR_A}:0",
         "--world-size",
         "2",
+        "--curve-secret",
+        str(keys / "aggregator.key_secret"),
+        "--curve-clients",
+        str(allowed),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
     try:
         line = daemon.stdout.readline()
         assert f"tcp://{ADDR_A}:" in line, line
         addr = line.split()[3].rstrip(",")
-        ranks = [in_ns(b, sys.executable, "-c", RANK, str(r), addr) for r in range(2)]
+        rank_env = {
+            "DISTSUM_CURVE_RANK_SECRET": str(keys / "ranks.key_secret"),
+            "DISTSUM_CURVE_SERVER_KEY": str(keys / "aggregator.key"),
+        }
+        ranks = [in_ns(b, sys.executable, "-c", RANK, str(r), addr, extra_env=rank_env) for r in range(2)]
         assert [p.wait(120) for p in ranks] == [0, 0]
     finally:
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=60)
     assert daemon.returncode == 0, err
-    got = acc_scalars(accumulate(tmp_path / "over-the-wire"), "loss")
+    got = acc_scalars(accumulate(tmp_path / "runs" / "over-the-wire"), "loss")
     assert got == [(s, float(np.float32(50 + s))) for s in range(20)]
 
 
