@@ -62,11 +62,15 @@ class AggregatorOptions:
     flush_secs: float = 2.0
     # A rank silent for this long (no batch, not even a heartbeat) is no longer waited for.
     rank_timeout: float = 30.0
-    # Embedded mode: exit once every rank of the world has finished.
-    exit_when_done: bool = False
+    # Embedded mode: the logdir is the job's one run (run name ""), and the aggregator exits once
+    # every rank of the world has finished. A standalone aggregator serves runs named by one
+    # path component each, so no run's directory can hold or lie inside another's.
+    embedded: bool = False
     # Embedded mode: exit when this process is gone and every rank has been silent for a while.
     parent_pid: int | None = None
     status_interval: float = 5.0
+    # What may wait in memory for a disk that refuses it, before the oldest is dropped.
+    max_pending_bytes: int = 256 << 20
     # CURVE keys; without them, a bind beyond this machine needs insecure=True.
     keys: ServerKeys | None = None
     insecure: bool = False
@@ -96,6 +100,9 @@ class _Run:
     highest_step: int = -1
     # Serialized events by run path, (step, event), not yet written (the disk refused them).
     pending: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)
+    # The run's streams, and how many of them have not finished.
+    streams: list[_Stream] = field(default_factory=list)
+    active: int = 0
     # (run path, tag) -> the last step an earlier aggregator wrote there: ranks resend what was
     # not acknowledged as durable when it died, and none of it may be written twice.
     recovered: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -140,6 +147,8 @@ class Aggregator:
         self.records = 0
         self.duplicates = 0
         self.disk_errors = 0
+        self.dropped_writes = 0
+        self.pending_bytes = 0
         # Items not written because an earlier aggregator had written them (after a restart).
         self.rewritten = 0
         self._dirty: set[EventFile] = set()
@@ -190,11 +199,7 @@ class Aggregator:
                 if run.pending:
                     count = sum(len(entries) for entries in run.pending.values())
                     log.error("exiting with %d events of run %r that the disk did not take", count, name)
-                for f in run.files.values():
-                    try:
-                        f.close()
-                    except OSError as e:
-                        self._disk_error(f.path, e)
+                self._close_files(run)
             self._close_socket()
             # libzmq leaves an ipc socket's file behind.
             if self.address.startswith("ipc://") and not self.address.startswith("ipc://@"):
@@ -231,11 +236,16 @@ class Aggregator:
         key = (origin.run, origin.rank, origin.stream)
         stream = self._streams.get(key)
         run = self._run(origin.run, origin.world_size)
+        if run is None:
+            self._malformed("run not served here", identity, f"run {origin.run!r}")
+            return
         if stream is None:
             # Batches below resend_from are written already (by an earlier aggregator, if this
             # one restarted); the stream goes on from there.
             start = max(0, min(batch.resend_from, batch.seq) - 1)
             stream = self._streams[key] = _Stream(origin.run, origin.rank, identity, start, start)
+            run.active += 1
+            run.streams.append(stream)
             run.merger.rank_joined(origin.rank)
             log.info(
                 "rank %d of run %r joined (pid %d on %s)",
@@ -262,13 +272,18 @@ class Aggregator:
             self._sync_now = True
         if batch.flush:
             run.merger.rank_flushed(origin.rank)
-        if batch.finish:
+        if batch.finish and not stream.finished:
             stream.finished = True
+            run.active -= 1
             run.merger.rank_left(origin.rank)
 
-    def _run(self, name: str, world_size: int) -> _Run:
+    def _run(self, name: str, world_size: int) -> _Run | None:
+        """The run ``name``, created on first sight; None for a name this aggregator does not
+        serve: a job must not write into another job's run."""
         run = self._runs.get(name)
         if run is None:
+            if (name != "") if self.options.embedded else (name == "" or "/" in name):
+                return None
             size = self.options.world_size or world_size or None
             run = self._runs[name] = _Run(
                 RunMerger(step_timeout=self.options.step_timeout, world_size=size), size or 0
@@ -325,9 +340,12 @@ class Aggregator:
             merger.add_text(rank, ids[t.series], t.step, t.text, t.wall_time)
             steps.add(t.step)
         if rank == 0:
+            # Written with the merged steps, through the same retries when the disk refuses.
+            pending = self._runs[stream.run].pending
             for raw in batch.raws:
-                self._file(stream.run, self._runs[stream.run], raw.subrun).write([raw.event])
-                self._dirty.add(self._file(stream.run, self._runs[stream.run], raw.subrun))
+                step = event_pb2.Event.FromString(raw.event).step
+                pending.setdefault(raw.subrun, []).append((step, raw.event))
+                self.pending_bytes += len(raw.event)
         if steps:
             run = self._runs[stream.run]
             run.highest_step = max(run.highest_step, max(steps))
@@ -351,10 +369,12 @@ class Aggregator:
                     now - stream.last_seen,
                 )
                 stream.finished = True
-                self._runs[stream.run].merger.rank_left(stream.rank)
+                run = self._runs[stream.run]
+                run.active -= 1
+                run.merger.rank_left(stream.rank)
 
     def _done(self, now: float) -> bool:
-        if self.options.exit_when_done and self._streams:
+        if self.options.embedded and self._streams:
             sizes = [r.merger.stats().waited_ranks for r in self._runs.values()]
             if all(s.finished for s in self._streams.values()) and not any(sizes):
                 return True
@@ -379,9 +399,9 @@ class Aggregator:
                             continue
                     event = event_pb2.Event(wall_time=merged.wall_time, step=merged.step)
                     event.summary.value.extend(to_values(items))
-                    run.pending.setdefault(path, []).append((merged.step, event.SerializeToString()))
-            if not run.pending:
-                continue
+                    data = event.SerializeToString()
+                    run.pending.setdefault(path, []).append((merged.step, data))
+                    self.pending_bytes += len(data)
             for path in list(run.pending):
                 # Kept until written: a full disk or a lost directory is retried every round.
                 try:
@@ -390,13 +410,20 @@ class Aggregator:
                 except OSError as e:
                     self._disk_error(os.path.join(self.root, name, path), e)
                     continue
-                del run.pending[path]
+                self.pending_bytes -= sum(len(event) for _, event in run.pending.pop(path))
                 self._dirty.add(f)
+            if self.pending_bytes > self.options.max_pending_bytes:
+                self._drop_pending(run)
             unwritten = {step for entries in run.pending.values() for step, _ in entries}
+            if run.files and not run.active and not unwritten and not run.merger.stats().open_steps:
+                # Every rank of the job finished and all is written: give the descriptors back,
+                # so a long-lived aggregator serves any number of jobs.
+                self._close_files(run)
             # A stream's records at a step are written once the merger no longer holds the step
-            # and nothing of it waits for the disk.
-            for stream in self._streams.values():
-                if stream.run == name:
+            # and nothing of it waits for the disk (records it dropped as late or conflicting
+            # never open a step at all).
+            for stream in run.streams:
+                if stream.open_steps:
                     done = [s for s in stream.open_steps if not run.merger.holds(s) and s not in unwritten]
                     for step in done:
                         del stream.open_steps[step]
@@ -405,6 +432,30 @@ class Aggregator:
         kept = [item for item in items if run.recovered.get((path, item.tag), -1) < step]
         self.rewritten += len(items) - len(kept)
         return kept
+
+    def _close_files(self, run: _Run) -> None:
+        for f in run.files.values():
+            try:
+                f.close()
+            except OSError as e:
+                self._disk_error(f.path, e)
+            self._dirty.discard(f)
+        run.files.clear()
+
+    def _drop_pending(self, run: _Run) -> None:
+        """Past the bound on what waits for the disk, the oldest events go: counted, logged once."""
+        for entries in run.pending.values():
+            while entries and self.pending_bytes > self.options.max_pending_bytes:
+                _, event = entries.pop(0)
+                self.pending_bytes -= len(event)
+                if not self.dropped_writes:
+                    log.error(
+                        "more than %d bytes wait for the disk; dropping the oldest",
+                        self.options.max_pending_bytes,
+                    )
+                self.dropped_writes += 1
+        for path in [p for p, entries in run.pending.items() if not entries]:
+            del run.pending[path]
 
     def _disk_error(self, path: str, error: OSError) -> None:
         if not self.disk_errors:
@@ -440,7 +491,7 @@ class Aggregator:
         run.last_health_step = last.step
         stats = run.merger.stats()
         alive = sum(1 for s in self._streams.values() if s.run == name and not s.finished)
-        dropped = stats.late_dropped + stats.conflicts + sum(self.malformed.values())
+        dropped = stats.late_dropped + stats.conflicts + sum(self.malformed.values()) + self.dropped_writes
         values = (
             alive,
             self._rate,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -95,6 +96,17 @@ def _job_id() -> str | None:
     return None
 
 
+def _run_name_of(job: str | None) -> str:
+    """A run name (one path component) from a launcher's job id, the same on every rank."""
+    if not job:
+        return ""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", job).strip("-.")
+    if len(name) > 64 or name != job:
+        # Ids like Open MPI's URI lose characters above; a digest keeps two jobs apart.
+        name = f"{name[:48]}-{hashlib.sha1(job.encode()).hexdigest()[:12]}".strip("-")
+    return name
+
+
 def _embedded_address(run_dir: str, job: str | None) -> str:
     """Where the embedded aggregator listens; every rank derives it without talking to the others.
 
@@ -173,9 +185,12 @@ def init(
                 aggregator = EmbeddedAggregator(run_dir, _bind_address(addr), world_size, step_timeout)
         else:
             run_dir = None
-            run_name = check_run_name(run or os.environ.get("DISTSUM_RUN") or job or "")
+            run_name = check_run_name(run or os.environ.get("DISTSUM_RUN") or _run_name_of(job))
             if not run_name:
                 raise ValueError("pass run= to distsum.init() (or set DISTSUM_RUN): no launcher job id")
+            if "/" in run_name:
+                # One directory per job under the aggregator's root: none inside another's.
+                raise ValueError(f"run name {run_name!r} must be one path component, without '/'")
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         client = Client(
             addr,

@@ -30,7 +30,7 @@ class EmbeddedAggregator:
             bind,
             "--step-timeout",
             str(step_timeout),
-            "--exit-when-done",
+            "--embedded",
             "--parent-pid",
             str(os.getpid()),
         ]

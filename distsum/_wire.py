@@ -51,6 +51,8 @@ def check_run_name(name: object, what: str = "run") -> str:
     for part in name.split("/"):
         if part in ("", ".", "..") or part.startswith("."):
             raise ValueError(f"{what} name {name!r} has an unusable component {part!r}")
+        if len(part.encode("utf-8", "surrogatepass")) > 255:
+            raise ValueError(f"{what} name {name!r} has a component over 255 bytes, too long for a file name")
     return name
 
 

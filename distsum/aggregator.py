@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         default=_env("DISTSUM_INSECURE", "") not in ("", "0"),
         help="listen beyond loopback without authentication",
     )
-    parser.add_argument("--exit-when-done", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.logdir:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 step_timeout=args.step_timeout,
                 flush_secs=args.flush_secs,
                 rank_timeout=args.rank_timeout,
-                exit_when_done=args.exit_when_done,
+                embedded=args.embedded,
                 parent_pid=args.parent_pid,
                 keys=keys,
                 insecure=args.insecure,
