@@ -86,6 +86,8 @@ class _Stream:
     acked: tuple[int, int] = (0, 0)
     last_seen: float = 0.0
     finished: bool = False
+    # Records the rank says it dropped (its buffers overflowed).
+    dropped: int = 0
     # Step -> the lowest seq with records at that step, for steps not yet written.
     open_steps: dict[int, int] = field(default_factory=dict)
 
@@ -256,10 +258,15 @@ class Aggregator:
             )
         stream.identity = identity
         stream.last_seen = time.monotonic()
+        stream.dropped = max(stream.dropped, batch.dropped)
         if batch.seq <= stream.received:
             self.duplicates += 1
             stream.acked = (-1, -1)  # acknowledge again: the rank missed the earlier one
             return
+        if batch.resend_from > stream.received + 1 and batch.seq >= batch.resend_from:
+            # The rank dropped the batches in between (its spool overflowed while it could not
+            # reach us); they are counted in batch.dropped. Go on from what it still has.
+            stream.received = stream.durable = batch.resend_from - 1
         if batch.seq != stream.received + 1:
             return  # a gap: the rank resends from its first unacknowledged batch
         try:
@@ -491,7 +498,13 @@ class Aggregator:
         run.last_health_step = last.step
         stats = run.merger.stats()
         alive = sum(1 for s in self._streams.values() if s.run == name and not s.finished)
-        dropped = stats.late_dropped + stats.conflicts + sum(self.malformed.values()) + self.dropped_writes
+        dropped = (
+            stats.late_dropped
+            + stats.conflicts
+            + sum(self.malformed.values())
+            + self.dropped_writes
+            + sum(stream.dropped for stream in run.streams)
+        )
         values = (
             alive,
             self._rate,

@@ -11,7 +11,6 @@ aggregator drops the copies it already has by (run, rank, stream, seq).
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import random
@@ -28,6 +27,7 @@ from distsum._histogram import Histogram
 from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
 from distsum._security import ClientKeys
+from distsum._spool import Retained
 from distsum._wire import WireError, decode_ack, encode_batch
 
 __all__ = ["Client", "ClientOptions"]
@@ -53,6 +53,11 @@ class ClientOptions:
     resend_after: float = 1.0
     # An empty batch at least this often, so the aggregator knows the rank is alive.
     heartbeat: float = 1.0
+    # Batches not yet acknowledged as durable: this much in memory, then this much in a spool
+    # file in spool_dir (default: the temporary directory); beyond both the oldest are dropped.
+    max_unacked_bytes: int = 64 << 20
+    max_spool_bytes: int = 1 << 30
+    spool_dir: str | None = None
 
 
 class _Marker:
@@ -101,7 +106,11 @@ class Client:
         self.dropped = 0
         self._warned = False
         self._seq = 0
-        self._unacked: dict[int, bytes] = {}
+        self._unacked = Retained(
+            max_memory_bytes=self.options.max_unacked_bytes,
+            max_spool_bytes=self.options.max_spool_bytes,
+            spool_dir=self.options.spool_dir,
+        )
         self._received = 0
         self._durable = 0
         self.world_size = world_size
@@ -182,6 +191,7 @@ class Client:
         self._thread.join()
         self._socket.close(linger=0)
         self._context.term()
+        self._unacked.close()
         return ok
 
     # --- sender thread --------------------------------------------------------------------------
@@ -198,7 +208,7 @@ class Client:
                 self._seq += 1
                 batch.seq = self._seq
                 data = encode_batch(batch)
-                self._unacked[self._seq] = data
+                self._unacked.add(self._seq, data, len(records))
                 for marker in markers:
                     marker.seq = self._seq
                 self._send(data)
@@ -208,8 +218,9 @@ class Client:
             if self._receive_acks():
                 last_progress = now
             if self._unacked and now - last_progress >= self.options.resend_after:
-                for data in self._unacked.values():
-                    self._send(data)
+                for _, data in self._unacked.items():
+                    if not self._send(data):
+                        break  # not connected, or the pipe is full: the rest waits for next time
                 last_progress = now
 
     def _drain(self) -> tuple[list[Any], list[_Marker]]:
@@ -283,13 +294,18 @@ class Client:
         batch.scalar_wall_time.extend(scalar_time)
         batch.flush = bool(markers)
         batch.finish = any(m.finish for m in markers)
-        batch.resend_from = min(self._unacked, default=self._seq + 1)
+        first = self._unacked.first()
+        batch.resend_from = self._seq + 1 if first is None else first
+        batch.dropped = self.dropped + self._unacked.dropped_records
         return batch
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> bool:
         # Not connected, or the pipe is full: the batch stays unacknowledged and is resent.
-        with contextlib.suppress(zmq.Again):
+        try:
             self._socket.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     def _receive_acks(self) -> bool:
         progress = False
@@ -310,8 +326,7 @@ class Client:
                     progress = True
                 self._received = max(self._received, min(ack.received, self._seq))
                 self._durable = max(self._durable, min(ack.durable, self._received))
-                for seq in [s for s in self._unacked if s <= self._durable]:
-                    del self._unacked[seq]
+                self._unacked.release_through(self._durable)
                 if ack.world_size:
                     self.world_size = ack.world_size
                 self._cond.notify_all()

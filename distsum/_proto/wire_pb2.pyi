@@ -148,7 +148,7 @@ class Raw(_message.Message):
     def __init__(self, subrun: _Optional[str] = ..., event: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("origin", "seq", "series", "scalar_series", "scalar_step", "scalar_value", "scalar_wall_time", "histograms", "images", "texts", "flush", "finish", "raws", "resend_from")
+    __slots__ = ("origin", "seq", "series", "scalar_series", "scalar_step", "scalar_value", "scalar_wall_time", "histograms", "images", "texts", "flush", "finish", "raws", "dropped", "resend_from")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SERIES_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class Batch(_message.Message):
     FLUSH_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     RAWS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     RESEND_FROM_FIELD_NUMBER: _ClassVar[int]
     origin: Origin
     seq: int
@@ -176,8 +177,9 @@ class Batch(_message.Message):
     flush: bool
     finish: bool
     raws: _containers.RepeatedCompositeFieldContainer[Raw]
+    dropped: int
     resend_from: int
-    def __init__(self, origin: _Optional[_Union[Origin, _Mapping]] = ..., seq: _Optional[int] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., scalar_series: _Optional[_Iterable[int]] = ..., scalar_step: _Optional[_Iterable[int]] = ..., scalar_value: _Optional[_Iterable[float]] = ..., scalar_wall_time: _Optional[_Iterable[float]] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[Images, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[Text, _Mapping]]] = ..., flush: _Optional[bool] = ..., finish: _Optional[bool] = ..., raws: _Optional[_Iterable[_Union[Raw, _Mapping]]] = ..., resend_from: _Optional[int] = ...) -> None: ...
+    def __init__(self, origin: _Optional[_Union[Origin, _Mapping]] = ..., seq: _Optional[int] = ..., series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ..., scalar_series: _Optional[_Iterable[int]] = ..., scalar_step: _Optional[_Iterable[int]] = ..., scalar_value: _Optional[_Iterable[float]] = ..., scalar_wall_time: _Optional[_Iterable[float]] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[Images, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[Text, _Mapping]]] = ..., flush: _Optional[bool] = ..., finish: _Optional[bool] = ..., raws: _Optional[_Iterable[_Union[Raw, _Mapping]]] = ..., dropped: _Optional[int] = ..., resend_from: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("stream", "received", "durable", "world_size")
