@@ -144,7 +144,8 @@ def init(
     ``logdir`` is the run directory in embedded mode (default ``runs/<job id>``); with a running
     aggregator (``addr`` or ``DISTSUM_ADDR``), ``run`` (or ``DISTSUM_RUN``, else the launcher's
     job id) names the run below the aggregator's logdir. ``options`` are ``ClientOptions`` fields
-    plus ``step_timeout`` for the embedded aggregator, and ``curve_secret`` (this rank's secret key
+    plus ``step_timeout`` and ``rank_timeout`` (how long a silent rank is waited for) for the
+    embedded aggregator, and ``curve_secret`` (this rank's secret key
     file) with ``curve_server_key`` (the aggregator's public key file) for an aggregator that
     requires CURVE authentication (else ``DISTSUM_CURVE_RANK_SECRET``, ``DISTSUM_CURVE_SERVER_KEY``).
     """
@@ -160,6 +161,7 @@ def init(
     if not isinstance(rank, int) or rank < 0 or (world_size is not None and not 0 <= rank < world_size):
         raise ValueError(f"rank {rank!r} is not in a world of size {world_size!r}")
     step_timeout = float(options.pop("step_timeout", 30.0))
+    rank_timeout = float(options.pop("rank_timeout", 30.0))
     secret = options.pop("curve_secret", None) or os.environ.get("DISTSUM_CURVE_RANK_SECRET")
     server_key = options.pop("curve_server_key", None) or os.environ.get("DISTSUM_CURVE_SERVER_KEY")
     if bool(secret) != bool(server_key):
@@ -182,7 +184,9 @@ def init(
             addr = _embedded_address(run_dir, job)
             run_name = ""
             if rank == 0:
-                aggregator = EmbeddedAggregator(run_dir, _bind_address(addr), world_size, step_timeout)
+                aggregator = EmbeddedAggregator(
+                    run_dir, _bind_address(addr), world_size, step_timeout, rank_timeout
+                )
         else:
             run_dir = None
             run_name = check_run_name(run or os.environ.get("DISTSUM_RUN") or _run_name_of(job))

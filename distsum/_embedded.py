@@ -18,7 +18,9 @@ log = logging.getLogger("distsum")
 class EmbeddedAggregator:
     """``python -m distsum.aggregator`` for one job's run, watched from a thread of rank 0."""
 
-    def __init__(self, run_dir: str, bind: str, world_size: int | None, step_timeout: float) -> None:
+    def __init__(
+        self, run_dir: str, bind: str, world_size: int | None, step_timeout: float, rank_timeout: float
+    ) -> None:
         self.run_dir = run_dir
         self._command = [
             sys.executable,
@@ -30,6 +32,8 @@ class EmbeddedAggregator:
             bind,
             "--step-timeout",
             str(step_timeout),
+            "--rank-timeout",
+            str(rank_timeout),
             "--embedded",
             "--parent-pid",
             str(os.getpid()),
