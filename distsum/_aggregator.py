@@ -37,6 +37,9 @@ __all__ = ["Aggregator", "AggregatorOptions"]
 
 log = logging.getLogger("distsum.aggregator")
 
+# Seconds without a new rank before a restarted embedded aggregator takes the job as done.
+_QUIET_AFTER_RESTART = 3.0
+
 _HEALTH_TAGS = tuple(
     f"distsum/{name}"
     for name in (
@@ -149,6 +152,11 @@ class Aggregator:
         self.records = 0
         self.duplicates = 0
         self.disk_errors = 0
+        self._last_join = time.monotonic()
+        # An embedded aggregator that finds event files in its run was started again after a crash.
+        self._restarted = options.embedded and any(
+            is_event_file(name) for _, _, names in os.walk(self.root) for name in names
+        )
         self.dropped_writes = 0
         self.pending_bytes = 0
         # Items not written because an earlier aggregator had written them (after a restart).
@@ -248,6 +256,7 @@ class Aggregator:
             stream = self._streams[key] = _Stream(origin.run, origin.rank, identity, start, start)
             run.active += 1
             run.streams.append(stream)
+            self._last_join = time.monotonic()
             run.merger.rank_joined(origin.rank)
             log.info(
                 "rank %d of run %r joined (pid %d on %s)",
@@ -381,9 +390,13 @@ class Aggregator:
                 run.merger.rank_left(stream.rank)
 
     def _done(self, now: float) -> bool:
-        if self.options.embedded and self._streams:
-            sizes = [r.merger.stats().waited_ranks for r in self._runs.values()]
-            if all(s.finished for s in self._streams.values()) and not any(sizes):
+        if self.options.embedded and all(s.finished for s in self._streams.values()):
+            if self._streams and not any(r.merger.stats().waited_ranks for r in self._runs.values()):
+                return True
+            # Started again after a crash: ranks that finished with the old one never come back,
+            # and every live rank shows up within a heartbeat (one a second). When none has for a
+            # few, and those that did have finished, the job is done.
+            if self._restarted and now - self._last_join > _QUIET_AFTER_RESTART:
                 return True
         parent = self.options.parent_pid
         if parent is not None and not _alive(parent):

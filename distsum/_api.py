@@ -331,7 +331,7 @@ def finish(timeout: float | None = 30.0) -> bool:
     deadline = None if timeout is None else time.monotonic() + timeout
     if state.aggregator is not None:
         # It exits once every rank has finished, this one included: not a crash to recover from.
-        state.aggregator.stop_watching()
+        state.aggregator.finishing()
     ok = state.client.close(timeout)
     if state.aggregator is not None:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -48,6 +48,7 @@ class EmbeddedAggregator:
         self.restarts = 0
         self._process = self._start()
         self._stopping = threading.Event()
+        self._finishing = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="distsum-embedded", daemon=True)
         self._watcher.start()
 
@@ -71,26 +72,30 @@ class EmbeddedAggregator:
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
             code = self._process.poll()
-            if code is not None and not self._stopping.is_set():
-                # The ranks keep what it had not acknowledged as durable and resend it; the new
-                # one reads back what the old one wrote and takes the streams where they were.
-                log.warning("distsum: the embedded aggregator exited (code %s); starting it again", code)
-                self._process = self._start()
-                self.restarts += 1
+            if code is None:
+                continue
+            if code == 0 and self._finishing.is_set():
+                return  # the job is done and everything is written
+            # Killed or crashed, even while the job finishes: the ranks keep what it had not
+            # acknowledged as durable and resend it; the new one reads back what the old one wrote
+            # and takes the streams where they were.
+            log.warning("distsum: the embedded aggregator exited (code %s); starting it again", code)
+            self._process = self._start()
+            self.restarts += 1
 
-    def stop_watching(self) -> None:
-        """From now on an exit is the end: the job is finishing."""
-        self._stopping.set()
-        self._watcher.join()
+    def finishing(self) -> None:
+        """The job is finishing: an exit with status 0 from now on is the end, not a crash."""
+        self._finishing.set()
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until it has written everything and exited; after ``timeout``, stop it (SIGTERM,
         on which it writes out everything it holds) and return False."""
-        self.stop_watching()
-        try:
-            self._process.wait(timeout)
+        self._finishing.set()
+        self._watcher.join(timeout)
+        if not self._watcher.is_alive():
             return True
-        except subprocess.TimeoutExpired:
-            self._process.terminate()
-            self._process.wait()
-            return False
+        self._stopping.set()
+        self._watcher.join()
+        self._process.terminate()
+        self._process.wait()
+        return False
