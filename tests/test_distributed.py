@@ -200,3 +200,51 @@ def test_ranks_that_never_call_finish_are_finished_at_exit(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(tmp_path)]) for r in range(2)]
     assert [p.wait(120) for p in procs] == [0, 0]
     assert acc_scalars(accumulate(tmp_path), "x") == [(s, 0.5) for s in range(5)]
+
+
+BAD_CALLS = [
+    (lambda: distsum.scalar("", 1.0, 0), ValueError, "empty"),
+    (lambda: distsum.scalar("t\x00", 1.0, 0), ValueError, "NUL"),
+    (lambda: distsum.scalar(5, 1.0, 0), TypeError, "tag must be a str"),
+    (lambda: distsum.scalar("bad", "1", 0), TypeError, "'bad'"),
+    (lambda: distsum.scalar("bad", np.ones(3), 0), ValueError, "'bad'"),
+    (lambda: distsum.scalar("bad", 1.0, -1), ValueError, "step for tag 'bad'"),
+    (lambda: distsum.scalar("bad", 1.0, 2.5), TypeError, "step for tag 'bad'"),
+    (lambda: distsum.scalar("bad", 1.0, 0, reduce="median"), ValueError, "reduce for tag 'bad'"),
+    (lambda: distsum.scalar("bad", 1.0, 0, reduce=("mean", "mean")), ValueError, "'bad'"),
+    (lambda: distsum.histogram("bad", np.array(["x"]), 0), TypeError, "'bad'"),
+    (lambda: distsum.histogram("bad", np.ones(2, dtype=bool), 0), TypeError, "'bad'"),
+    (lambda: distsum.image("bad", np.zeros((4, 4), np.uint8), 0), ValueError, "'bad'"),
+    (lambda: distsum.image("bad", np.zeros((1, 0, 4, 3), np.uint8), 0), ValueError, "'bad'"),
+    (lambda: distsum.image("bad", np.zeros((1, 4, 4, 3), np.int32), 0), TypeError, "'bad'"),
+    (lambda: distsum.image("bad", np.zeros((1, 5000, 5000, 3), np.uint8), 0), ValueError, "'bad'"),
+    (lambda: distsum.image("bad", np.zeros((1, 4, 4, 3)), 0, dataformats="XYZW"), ValueError, "'bad'"),
+    (lambda: distsum.text("bad", 3, 0), TypeError, "'bad'"),
+    (lambda: distsum.writer("../escape"), ValueError, "sub-run"),
+    (lambda: distsum.writer("/abs"), ValueError, "sub-run"),
+    (lambda: distsum.writer("a\x00b"), ValueError, "sub-run"),
+]
+
+
+def test_bad_input_is_an_error_at_the_call_and_loses_nothing(tmp_path):
+    distsum.init(0, 1, logdir=str(tmp_path))
+    try:
+        distsum.scalar("before", 1.0, 0)
+        for call, error, match in BAD_CALLS:
+            with pytest.raises(error, match=match):
+                call()
+        distsum.scalar("after", float("nan"), 1)  # NaN is a value, not an error
+        assert distsum.finish(timeout=60)
+    finally:
+        distsum.finish(timeout=5)
+    acc = accumulate(tmp_path)
+    assert acc_scalars(acc, "before") == [(0, 1.0)]
+    ((step, nan),) = acc_scalars(acc, "after")
+    assert step == 1 and np.isnan(nan)
+    assert not [d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d)]
+
+
+@pytest.mark.parametrize("run", ["../up", "/abs", "a/b", "x\x00y", ".hidden"])
+def test_a_run_name_that_is_a_path_is_refused(run):
+    with pytest.raises(ValueError, match="run name"):
+        distsum.init(0, 1, addr="tcp://127.0.0.1:9", run=run)
