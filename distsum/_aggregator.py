@@ -254,6 +254,12 @@ class Aggregator:
             # one restarted); the stream goes on from there.
             start = max(0, min(batch.resend_from, batch.seq) - 1)
             stream = self._streams[key] = _Stream(origin.run, origin.rank, identity, start, start)
+            # A rank number has one process at a time: a new stream of it (a restarted rank)
+            # supersedes the old one, which must not later time out and take the new one along.
+            for old in run.streams:
+                if old.rank == origin.rank and not old.finished:
+                    old.finished = True
+                    run.active -= 1
             run.active += 1
             run.streams.append(stream)
             self._last_join = time.monotonic()
@@ -387,7 +393,8 @@ class Aggregator:
                 stream.finished = True
                 run = self._runs[stream.run]
                 run.active -= 1
-                run.merger.rank_left(stream.rank)
+                if not any(s.rank == stream.rank and not s.finished for s in run.streams):
+                    run.merger.rank_left(stream.rank)
 
     def _done(self, now: float) -> bool:
         if self.options.embedded and all(s.finished for s in self._streams.values()):
