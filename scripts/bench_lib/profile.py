@@ -1,0 +1,164 @@
+"""Where the time goes: py-spy over the scenarios where distsum misses a target.
+
+    .venv/bin/pip install py-spy
+    PYTHONPATH=scripts .venv/bin/python -m bench_lib.profile [scalar|histogram|image|e2e|aggregator ...]
+
+Each scenario runs under ``py-spy record --subprocesses --threads`` (so the sender thread and the
+aggregator process are sampled too) and is summarised per process and thread: the functions
+that hold the most samples, by their own time ("self") and including what they call ("total").
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+SCENARIOS = {
+    # The training-thread loop of target 1, long enough to sample.
+    "scalar": ("calls", "scalar_calls", {"lib": "distsum", "n": 300_000, "repeats": 3}),
+    "e2e": ("calls", "scalar_e2e", {"lib": "distsum", "n": 300_000, "repeats": 1}),
+    "histogram": ("calls", "histogram", {"lib": "distsum", "size": 1_000_000, "calls": 30, "repeats": 3}),
+    "image": ("calls", "image", {"lib": "distsum", "calls": 30, "repeats": 3}),
+    "aggregator": (
+        "loadgen",
+        "capacity",
+        {"ranks": 8, "tags": 100, "steps": 4000, "steps_per_batch": 10, "check": False},
+    ),
+}
+_LABEL = re.compile(r"^(process \d+:.*|thread \(\w+\)(?::\s*.*)?)$")
+
+
+def _frames(line: str) -> tuple[str, str, list[str], int]:
+    stack, _, count = line.rpartition(" ")
+    parts = stack.split(";")
+    process = thread = ""
+    frames = []
+    for part in parts:
+        if not frames and part.startswith("process "):
+            process = part.split(":", 1)[0] + ":" + part.split(":", 1)[1][:60]
+        elif not frames and part.startswith("thread ("):
+            thread = part
+        else:
+            frames.append(re.sub(r" \((.*?)(:\d+)?\)$", r" (\1)", part))
+    return process, thread, frames, int(count)
+
+
+def summarise(raw: str, top: int = 12) -> str:
+    groups: dict[tuple[str, str], dict[str, collections.Counter[str]]] = {}
+    totals: collections.Counter[tuple[str, str]] = collections.Counter()
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        process, thread, frames, count = _frames(line)
+        if not frames:
+            continue
+        key = (process, thread)
+        group = groups.setdefault(key, {"self": collections.Counter(), "total": collections.Counter()})
+        group["self"][frames[-1]] += count
+        for frame in set(frames):
+            group["total"][frame] += count
+        totals[key] += count
+    out = []
+    for key, n in totals.most_common():
+        if n < 20:
+            continue
+        process, thread = key
+        out.append(f"\n== {process or 'main process'} {thread}: {n} samples")
+        for kind in ("self", "total"):
+            out.append(f"  by {kind}:")
+            for frame, c in groups[key][kind].most_common(top):
+                out.append(f"    {c / n:6.1%}  {frame}")
+    return "\n".join(out)
+
+
+def breakdown(n: int = 100_000, repeats: int = 5) -> str:
+    """What one ``distsum.scalar()`` call is made of, timed piece by piece in this process."""
+    import collections
+    import gc
+    import statistics
+    import time
+    import timeit
+
+    import distsum
+    from distsum import _api
+
+    def per_call(function: object, number: int = 200_000) -> float:
+        return min(timeit.repeat(function, number=number, repeat=5)) / number * 1e6  # type: ignore[arg-type]
+
+    queue: collections.deque[object] = collections.deque()
+    rows = [
+        ("os.getpid() (a system call; scalar() makes two)", per_call(os.getpid)),
+        ("time.time()", per_call(time.time)),
+        ("deque.append of a 4-tuple", per_call(lambda: queue.append(((1, 2), 1, 0.5, 1.0)))),
+    ]
+    queue.clear()
+    tags = [f"metric/{j:04d}" for j in range(100)]
+    logdir = tempfile.mkdtemp(prefix="bench-breakdown-")
+    try:
+        # The sender thread idle (it wakes only every 1000 s), so the calls run alone.
+        distsum.init(0, 1, logdir=logdir, batch_interval=1000.0)
+        client = _api._state.client
+        key = _api._scalar_key("", "metric/0000", "mean")
+        record = (key, 1, 0.5, 1.0)
+        rows.append(
+            ("_scalar_key, cached (tuple + dict lookup)", per_call(lambda: _api._scalar_key("", "t", "mean")))
+        )
+        rows.append(("_api.client() (one getpid)", per_call(_api.client)))
+        rows.append(
+            ("Client.add (one getpid, checks, append)", per_call(lambda: client.add(record), 100_000))
+        )
+        client._queue.clear()
+
+        def loop(step0: int) -> float:
+            start = time.perf_counter()
+            for step in range(step0, step0 + n // 100):
+                for tag in tags:
+                    distsum.scalar(tag, 0.5, step)
+            elapsed = (time.perf_counter() - start) / n * 1e6
+            client._queue.clear()
+            return elapsed
+
+        idle = [loop(1 + r * n) for r in range(repeats)]
+        gc.disable()
+        no_gc = [loop(1 + (repeats + r) * n) for r in range(repeats)]
+        gc.enable()
+        rows.append((f"scalar() in a loop of {n:,}, sender idle (median)", statistics.median(idle)))
+        rows.append(("... the same with the garbage collector off", statistics.median(no_gc)))
+        distsum.finish(2)  # the idle sender never reads the last acknowledgement: returns False
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    lines = ["### breakdown: the pieces of one distsum.scalar() call, µs (best of 5 unless noted)"]
+    lines += [f"  {what:<55} {value:.3f}" for what, value in rows]
+    return "\n".join(lines)
+
+
+def profile(name: str, rate: int = 250) -> str:
+    module, function, kwargs = SCENARIOS[name]
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    out = tempfile.mktemp(prefix=f"bench-profile-{name}-", suffix=".txt")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    command = [
+        py_spy, "record", "--subprocesses", "--threads", "--nolineno", "-r", str(rate),
+        "-f", "raw", "-o", out, "--",
+        sys.executable, "-m", f"bench_lib.{module}", function, json.dumps(kwargs),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    if not os.path.exists(out):
+        raise SystemExit(f"py-spy failed:\n{result.stderr[-2000:]}")
+    with open(out) as f:
+        raw = f.read()
+    os.unlink(out)
+    measured = [line for line in result.stdout.splitlines() if line.startswith("@@RESULT")]
+    return f"### {name}: {module}.{function}({kwargs})\n{measured[-1] if measured else ''}\n" + summarise(raw)
+
+
+if __name__ == "__main__":
+    for scenario in sys.argv[1:] or [*SCENARIOS, "breakdown"]:
+        print(breakdown() if scenario == "breakdown" else profile(scenario), flush=True)
