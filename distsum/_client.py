@@ -32,6 +32,19 @@ from distsum._wire import WireError, decode_ack, encode_batch
 
 __all__ = ["Client", "ClientOptions"]
 
+# Counts the forks this process descends from: a client made before a fork is unusable in the
+# child (its socket and sender thread stayed in the parent). Compared on every logging call,
+# which a getpid() system call would make several times slower.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 log = logging.getLogger("distsum")
 
 SCALAR, HISTOGRAM, IMAGES, TEXT = wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.IMAGES, wire_pb2.TEXT
@@ -102,6 +115,9 @@ class Client:
             restart=restart,
         )
         self._pid = os.getpid()
+        self._generation = _fork_generation
+        # The first held batch not yet handed to the socket (None: all were).
+        self._unsent: int | None = None
         self._queue: collections.deque[Any] = collections.deque()
         self.dropped = 0
         self._warned = False
@@ -138,8 +154,13 @@ class Client:
 
     # --- training thread ------------------------------------------------------------------------
 
+    @property
+    def forked_away(self) -> bool:
+        """Whether this is a forked child of the process that made the client (unusable here)."""
+        return self._generation != _fork_generation
+
     def add(self, record: tuple[Any, int, Any, float]) -> None:
-        if self._pid != os.getpid():
+        if self._generation != _fork_generation:
             raise DistsumError(
                 "distsum was initialised in a parent process; call distsum.init() in this child"
             )
@@ -160,6 +181,10 @@ class Client:
         """Wait until the aggregator holds everything added before this call (durable if finish)."""
         if self._closed:
             return True
+        if self.forked_away:
+            raise DistsumError(
+                "distsum was initialised in a parent process; call distsum.init() in this child"
+            )
         marker = _Marker(finish)
         self._queue.append(marker)
         self._wake.set()
@@ -211,16 +236,22 @@ class Client:
                 self._unacked.add(self._seq, data, len(records))
                 for marker in markers:
                     marker.seq = self._seq
-                self._send(data)
+                # In order: while an earlier batch waits to be handed to the socket, this one does too.
+                if self._unsent is None and not self._send(data):
+                    self._unsent = self._seq
                 last_sent = now
                 if len(records) < self.options.max_batch_records:
                     break
+            if self._unsent is not None:
+                # Not connected yet (the aggregator is starting, say): try again every round
+                # rather than waiting out resend_after.
+                self._unsent = self._send_from(self._unsent)
             if self._receive_acks():
                 last_progress = now
             if self._unacked and now - last_progress >= self.options.resend_after:
-                for _, data in self._unacked.items():
-                    if not self._send(data):
-                        break  # not connected, or the pipe is full: the rest waits for next time
+                # No acknowledgement for a while: anything may have been lost on the way.
+                first = self._unacked.first()
+                self._unsent = None if first is None else self._send_from(first)
                 last_progress = now
 
     def _drain(self) -> tuple[list[Any], list[_Marker]]:
@@ -298,6 +329,13 @@ class Client:
         batch.resend_from = self._seq + 1 if first is None else first
         batch.dropped = self.dropped + self._unacked.dropped_records
         return batch
+
+    def _send_from(self, first: int) -> int | None:
+        """Send the held batches from ``first`` on, in order; the first that did not go, if any."""
+        for seq, data in self._unacked.items():
+            if seq >= first and not self._send(data):
+                return seq
+        return None
 
     def _send(self, data: bytes) -> bool:
         # Not connected, or the pipe is full: the batch stays unacknowledged and is resent.
