@@ -28,6 +28,7 @@ from distsum._eventfile import EventFile, is_event_file, read_records
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage
 from distsum._merge import MergedStep, RunMerger
+from distsum._process import alive
 from distsum._proto import event_pb2, wire_pb2
 from distsum._security import ServerKeys, is_local
 from distsum._summaries import Item, ScalarItem, to_values
@@ -406,7 +407,7 @@ class Aggregator:
             if self._restarted and now - self._last_join > _QUIET_AFTER_RESTART:
                 return True
         parent = self.options.parent_pid
-        if parent is not None and not _alive(parent):
+        if parent is not None and not alive(parent):
             quiet = all(now - s.last_seen > 5 for s in self._streams.values())
             return quiet
         return False
@@ -517,7 +518,7 @@ class Aggregator:
             return
         run.last_health_step = last.step
         stats = run.merger.stats()
-        alive = sum(1 for s in self._streams.values() if s.run == name and not s.finished)
+        ranks_alive = sum(1 for s in self._streams.values() if s.run == name and not s.finished)
         dropped = (
             stats.late_dropped
             + stats.conflicts
@@ -526,7 +527,7 @@ class Aggregator:
             + sum(stream.dropped for stream in run.streams)
         )
         values = (
-            alive,
+            ranks_alive,
             self._rate,
             stats.late,
             dropped,
@@ -557,11 +558,11 @@ class Aggregator:
             return
         self._rate = (self.records - self._records_at_status) / elapsed
         self._records_at_status, self._status_time = self.records, now
-        alive = sum(1 for s in self._streams.values() if not s.finished)
+        ranks_alive = sum(1 for s in self._streams.values() if not s.finished)
         written = sum(r.merger.stats().steps_written for r in self._runs.values())
         late = sum(r.merger.stats().late for r in self._runs.values())
         line = (
-            f"ranks alive {alive}  steps written {written}  records/s {self._rate:,.0f}  "
+            f"ranks alive {ranks_alive}  steps written {written}  records/s {self._rate:,.0f}  "
             f"late {late}  dropped {sum(self.malformed.values())}  duplicates {self.duplicates}"
             f"  disk errors {self.disk_errors}"
         )
@@ -597,14 +598,6 @@ def _written_steps(run_dir: str) -> dict[tuple[str, str], int]:
                         last[key] = event.step
     return last
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -27,7 +27,7 @@ from distsum._histogram import Histogram
 from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
 from distsum._security import ClientKeys
-from distsum._spool import Retained
+from distsum._spool import Retained, remove_orphans
 from distsum._wire import WireError, decode_ack, encode_batch
 
 __all__ = ["Client", "ClientOptions"]
@@ -122,6 +122,7 @@ class Client:
         self.dropped = 0
         self._warned = False
         self._seq = 0
+        remove_orphans(self.options.spool_dir)
         self._unacked = Retained(
             max_memory_bytes=self.options.max_unacked_bytes,
             max_spool_bytes=self.options.max_spool_bytes,

@@ -23,10 +23,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from distsum._eventfile import frame, masked_crc32c
+from distsum._process import alive
 
-__all__ = ["Retained"]
+__all__ = ["Retained", "remove_orphans"]
 
 log = logging.getLogger("distsum")
+
+_PREFIX = "distsum-spool-"
+
+
+def remove_orphans(spool_dir: str | None) -> None:
+    """Remove spool files of processes that are gone (a rank killed before it could finish)."""
+    directory = spool_dir or tempfile.gettempdir()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_PREFIX):
+            continue
+        pid = name[len(_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 @dataclass
@@ -79,7 +98,7 @@ class Retained:
         segment = self._segments[-1] if self._segments else None
         try:
             if segment is None or (segment.batches and segment.size + len(record) > self._segment_bytes):
-                fd, path = tempfile.mkstemp(prefix="distsum-spool-", dir=self._spool_dir)
+                fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=self._spool_dir)
                 os.close(fd)
                 segment = _Segment(path)
                 self._segments.append(segment)
@@ -135,7 +154,10 @@ class Retained:
                     payload = f.read(length)
                     (crc,) = struct.unpack("<I", f.read(4))
                     if len(payload) != length or crc != masked_crc32c(payload):
+                        # Dropped and counted, so resend_from moves past it instead of holding
+                        # every later batch back as a gap.
                         log.warning("distsum: spooled batch %d is damaged on disk; dropping it", seq)
+                        self._count_dropped(segment.batches.pop(seq)[2])
                         continue
                     yield seq, payload
         for seq, (data, _) in list(self._memory.items()):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import distsum
-from distsum._spool import Retained
+from distsum._spool import Retained, remove_orphans
 from tests.tbreaders import acc_scalars, accumulate
 
 
@@ -106,3 +106,27 @@ def test_a_rank_trains_while_the_aggregator_is_away_and_delivers_when_it_comes(t
     else:
         assert got == [(s, float(s)) for s in range(3000)]
         assert dropped == 0
+
+
+def test_a_damaged_spool_record_is_dropped_and_counted_so_later_batches_go_on(tmp_path):
+    held = Retained(max_memory_bytes=0, max_spool_bytes=1 << 20, spool_dir=str(tmp_path))
+    for seq in (1, 2, 3):
+        held.add(seq, batch(seq), records=5)
+    (spool,) = os.listdir(tmp_path)
+    with open(tmp_path / spool, "r+b") as f:
+        f.seek(12 + 500)
+        f.write(b"\xff")
+    assert [seq for seq, _ in held.items()] == [2, 3]
+    assert held.first() == 2  # resend_from moves past it
+    assert held.dropped_records == 5
+    held.close()
+
+
+def test_spool_files_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"distsum-spool-{dead.pid}-abc").write_bytes(b"old")
+    (tmp_path / f"distsum-spool-{os.getpid()}-def").write_bytes(b"mine")
+    (tmp_path / "unrelated").write_bytes(b"keep")
+    remove_orphans(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [f"distsum-spool-{os.getpid()}-def", "unrelated"]
