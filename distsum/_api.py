@@ -171,7 +171,7 @@ def init(
     job = _job_id()
     addr = addr or os.environ.get("DISTSUM_ADDR")
     with _lock:
-        if _state is not None and os.getpid() == _pid_of(_state):
+        if _state is not None and not _state.client.forked_away:
             raise DistsumError("distsum.init() was already called in this process; call finish() first")
         aggregator = None
         if addr is None:
@@ -211,10 +211,6 @@ def init(
             _atexit_registered = True
 
 
-def _pid_of(state: _State) -> int:
-    return state.client._origin.pid
-
-
 def client() -> Client:
     """This process's client; DistsumError if distsum.init() was not called in this process."""
     state = _state
@@ -226,7 +222,7 @@ def client() -> Client:
 def initialized() -> bool:
     """Whether distsum.init() was called in this process (and not finished)."""
     state = _state
-    return state is not None and os.getpid() == _pid_of(state)
+    return state is not None and not state.client.forked_away
 
 
 _scalar_keys: dict[tuple[str, str, Any], tuple[Any, ...]] = {}
@@ -323,7 +319,7 @@ def finish(timeout: float | None = 30.0) -> bool:
     global _state
     with _lock:
         state = _state
-        if state is None or os.getpid() != _pid_of(state):
+        if state is None or state.client.forked_away:
             return True
         _state = None
     deadline = None if timeout is None else time.monotonic() + timeout

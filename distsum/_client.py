@@ -114,7 +114,6 @@ class Client:
             host=socket.gethostname(),
             restart=restart,
         )
-        self._pid = os.getpid()
         self._generation = _fork_generation
         # The first held batch not yet handed to the socket (None: all were).
         self._unsent: int | None = None
@@ -208,7 +207,7 @@ class Client:
 
     def close(self, timeout: float | None) -> bool:
         """Send everything, wait (bounded) until it is durable, and close the socket."""
-        if self._closed or self._pid != os.getpid():
+        if self._closed or self.forked_away:
             return True
         ok = self.flush(timeout, finish=True)
         self._closed = True
