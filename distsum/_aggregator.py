@@ -25,14 +25,13 @@ import zmq
 
 from distsum._errors import DistsumError
 from distsum._eventfile import EventFile, is_event_file, read_records
-from distsum._histogram import Histogram
 from distsum._image import EncodedImage
 from distsum._merge import MergedStep, RunMerger
 from distsum._process import alive
 from distsum._proto import event_pb2, wire_pb2
 from distsum._security import ServerKeys, is_local
 from distsum._summaries import Item, ScalarItem, to_values
-from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack
+from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack, histogram_of
 
 __all__ = ["Aggregator", "AggregatorOptions"]
 
@@ -325,20 +324,7 @@ class Aggregator:
 
     def _add(self, merger: RunMerger, rank: int, batch: wire_pb2.Batch, stream: _Stream) -> None:
         """Hand one batch's records to the merger: all of them, or (on a ValueError) none."""
-        histograms = [
-            Histogram.from_parts(
-                np.asarray(h.index, dtype=np.int64),
-                np.asarray(h.count, dtype=np.int64),
-                min=h.min,
-                max=h.max,
-                sum=h.sum,
-                sum_squares=h.sum_squares,
-                nan=h.nan,
-                posinf=h.posinf,
-                neginf=h.neginf,
-            )
-            for h in batch.histograms
-        ]
+        histograms = [histogram_of(h) for h in batch.histograms]
         ids = [merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in batch.series]
         steps: set[int] = set()
         if batch.scalar_series:

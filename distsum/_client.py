@@ -28,7 +28,7 @@ from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
 from distsum._security import ClientKeys
 from distsum._spool import Retained, remove_orphans
-from distsum._wire import WireError, decode_ack, encode_batch
+from distsum._wire import WireError, add_histogram, decode_ack, encode_batch
 
 __all__ = ["Client", "ClientOptions"]
 
@@ -292,21 +292,7 @@ class Client:
                 histogram = (
                     payload if isinstance(payload, Histogram) else Histogram.from_values(payload, tag=key[2])
                 )
-                indices, counts = histogram.to_sparse()
-                batch.histograms.add(
-                    series=index,
-                    step=step,
-                    wall_time=wall,
-                    index=indices.tolist(),
-                    count=counts.tolist(),
-                    min=histogram.min,
-                    max=histogram.max,
-                    sum=histogram.sum,
-                    sum_squares=histogram.sum_squares,
-                    nan=histogram.nan,
-                    posinf=histogram.posinf,
-                    neginf=histogram.neginf,
-                )
+                add_histogram(batch, index, step, wall, histogram)
             elif kind == IMAGES:
                 images = batch.images.add(series=index, step=step, wall_time=wall)
                 for pixels in payload:

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from distsum import _validate
+from distsum._histogram import Histogram
 from distsum._proto import event_pb2, wire_pb2
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "WireError",
+    "add_histogram",
     "check_run_name",
     "decode_ack",
     "decode_batch",
     "encode_ack",
     "encode_batch",
+    "histogram_of",
 ]
 
 PROTOCOL_VERSION = 1
@@ -155,3 +160,39 @@ def _check_series(spec: wire_pb2.Series) -> None:
         raise WireError("bad series", f"reduce {list(spec.reduce)} repeats")
     if spec.kind == wire_pb2.IMAGES and not 0 <= spec.max_outputs <= MAX_IMAGES:
         raise WireError("bad series", f"max_outputs {spec.max_outputs}")
+
+
+def add_histogram(
+    batch: wire_pb2.Batch, series: int, step: int, wall_time: float, histogram: Histogram
+) -> None:
+    """Append ``histogram`` to ``batch`` in its sparse wire form."""
+    indices, counts = histogram.to_sparse()
+    batch.histograms.add(
+        series=series,
+        step=step,
+        wall_time=wall_time,
+        index=indices.tolist(),
+        count=counts.tolist(),
+        min=histogram.min,
+        max=histogram.max,
+        sum=histogram.sum,
+        sum_squares=histogram.sum_squares,
+        nan=histogram.nan,
+        posinf=histogram.posinf,
+        neginf=histogram.neginf,
+    )
+
+
+def histogram_of(message: wire_pb2.Histogram) -> Histogram:
+    """The histogram a wire message describes; ValueError if it is inconsistent."""
+    return Histogram.from_parts(
+        np.asarray(message.index, dtype=np.int64),
+        np.asarray(message.count, dtype=np.uint64),
+        min=message.min,
+        max=message.max,
+        sum=message.sum,
+        sum_squares=message.sum_squares,
+        nan=message.nan,
+        posinf=message.posinf,
+        neginf=message.neginf,
+    )
