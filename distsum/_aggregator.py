@@ -26,9 +26,10 @@ import zmq
 from distsum._errors import DistsumError
 from distsum._eventfile import EventFile, is_event_file, read_records
 from distsum._image import EncodedImage
-from distsum._merge import MergedStep, RunMerger
+from distsum._journal import Journal, Progress
+from distsum._merge import REPLAY_LATE, REPLAY_MERGED, MergedStep, RunMerger
 from distsum._process import alive
-from distsum._proto import event_pb2, wire_pb2
+from distsum._proto import event_pb2, journal_pb2, wire_pb2
 from distsum._security import ServerKeys, is_local
 from distsum._summaries import Item, ScalarItem, to_values
 from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack, histogram_of
@@ -93,11 +94,14 @@ class _Stream:
     dropped: int = 0
     # Step -> the lowest seq with records at that step, for steps not yet written.
     open_steps: dict[int, int] = field(default_factory=dict)
+    # What an earlier aggregator merged of this stream before it died, from the run's journal.
+    earlier: Progress | None = None
 
 
 @dataclass
 class _Run:
     merger: RunMerger
+    journal: Journal
     world_size: int = 0
     files: dict[str, EventFile] = field(default_factory=dict)
     last_health_step: int = -1
@@ -260,6 +264,7 @@ class Aggregator:
                 if old.rank == origin.rank and not old.finished:
                     old.finished = True
                     run.active -= 1
+            stream.earlier = run.journal.earlier.get((origin.rank, origin.stream))
             run.active += 1
             run.streams.append(stream)
             self._last_join = time.monotonic()
@@ -307,12 +312,16 @@ class Aggregator:
             if (name != "") if self.options.embedded else (name == "" or "/" in name):
                 return None
             size = self.options.world_size or world_size or None
+            run_dir = os.path.join(self.root, name)
+            recovered = _written_steps(run_dir)
             run = self._runs[name] = _Run(
-                RunMerger(step_timeout=self.options.step_timeout, world_size=size), size or 0
+                RunMerger(step_timeout=self.options.step_timeout, world_size=size, written=recovered),
+                Journal(run_dir),
+                size or 0,
+                recovered=recovered,
             )
-            run.recovered = _written_steps(os.path.join(self.root, name))
-            if run.recovered:
-                log.info("run %r: read back %d series written before", name or ".", len(run.recovered))
+            if recovered:
+                log.info("run %r: read back %d series written before", name or ".", len(recovered))
             # Claimed first, so a rank's own series of these names counts as a conflict instead
             # of writing the same (tag, step) twice.
             for tag in _HEALTH_TAGS:
@@ -326,37 +335,58 @@ class Aggregator:
         """Hand one batch's records to the merger: all of them, or (on a ValueError) none."""
         histograms = [histogram_of(h) for h in batch.histograms]
         ids = [merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in batch.series]
+        # A batch an earlier aggregator merged before it died: its records go where they went then.
+        earlier = stream.earlier
+        fate = None
+        if earlier is not None and batch.seq <= earlier.merged:
+            fate = earlier.late.get(batch.seq) or journal_pb2.LateRecords()
+        late = journal_pb2.LateRecords()
         steps: set[int] = set()
         if batch.scalar_series:
             series = np.asarray(ids, dtype=np.int64)[np.asarray(batch.scalar_series, dtype=np.int64)]
             step_array = np.asarray(batch.scalar_step, dtype=np.int64)
-            merger.add_scalars(
+            replay = None
+            if fate is not None:
+                replay = np.full(series.size, REPLAY_MERGED, dtype=np.int8)
+                replay[[i for i in fate.scalars if i < series.size]] = REPLAY_LATE
+            went_late = merger.add_scalars(
                 rank,
                 series,
                 step_array,
                 np.asarray(batch.scalar_value, dtype=np.float64),
                 np.asarray(batch.scalar_wall_time, dtype=np.float64),
+                replay,
             )
+            if went_late is not None:
+                late.scalars.extend(went_late.tolist())
             steps.update(np.unique(step_array).tolist())
-        for h, histogram in zip(batch.histograms, histograms, strict=True):
-            merger.add_histogram(rank, ids[h.series], h.step, histogram, h.wall_time)
+
+        histogram_replay = _replay_flags(fate, "histograms", len(histograms))
+        for i, (h, histogram) in enumerate(zip(batch.histograms, histograms, strict=True)):
+            if merger.add_histogram(rank, ids[h.series], h.step, histogram, h.wall_time, histogram_replay[i]):
+                late.histograms.append(i)
             steps.add(h.step)
-        for im in batch.images:
-            images = [EncodedImage(i.height, i.width, i.colorspace, i.png) for i in im.image]
-            merger.add_images(rank, ids[im.series], im.step, images, im.wall_time)
+        image_replay = _replay_flags(fate, "images", len(batch.images))
+        for i, im in enumerate(batch.images):
+            images = [EncodedImage(e.height, e.width, e.colorspace, e.png) for e in im.image]
+            if merger.add_images(rank, ids[im.series], im.step, images, im.wall_time, image_replay[i]):
+                late.images.append(i)
             steps.add(im.step)
-        for t in batch.texts:
-            merger.add_text(rank, ids[t.series], t.step, t.text, t.wall_time)
+        text_replay = _replay_flags(fate, "texts", len(batch.texts))
+        for i, t in enumerate(batch.texts):
+            if merger.add_text(rank, ids[t.series], t.step, t.text, t.wall_time, text_replay[i]):
+                late.texts.append(i)
             steps.add(t.step)
+        run = self._runs[stream.run]
         if rank == 0:
             # Written with the merged steps, through the same retries when the disk refuses.
-            pending = self._runs[stream.run].pending
             for raw in batch.raws:
-                step = event_pb2.Event.FromString(raw.event).step
-                pending.setdefault(raw.subrun, []).append((step, raw.event))
+                event = event_pb2.Event.FromString(raw.event)
+                if fate is not None and _written_before(run, raw.subrun, event):
+                    continue
+                run.pending.setdefault(raw.subrun, []).append((event.step, raw.event))
                 self.pending_bytes += len(raw.event)
         if steps:
-            run = self._runs[stream.run]
             run.highest_step = max(run.highest_step, max(steps))
         self.records += (
             len(batch.scalar_step)
@@ -365,6 +395,7 @@ class Aggregator:
             + len(batch.texts)
             + len(batch.raws)
         )
+        run.journal.merged(rank, batch.origin.stream, batch.seq, late if late.ByteSize() else None)
         for step in steps:
             stream.open_steps.setdefault(step, batch.seq)
 
@@ -416,7 +447,13 @@ class Aggregator:
                     data = event.SerializeToString()
                     run.pending.setdefault(path, []).append((merged.step, data))
                     self.pending_bytes += len(data)
-            for path in list(run.pending):
+            if run.pending:
+                # The journal first: whatever reaches an event file, it must already describe.
+                try:
+                    run.journal.append()
+                except OSError as e:
+                    self._disk_error(run.journal.path, e)
+            for path in list(run.pending) if not run.journal.unwritten else ():
                 # Kept until written: a full disk or a lost directory is retried every round.
                 try:
                     f = self._file(name, run, path)
@@ -448,6 +485,7 @@ class Aggregator:
         return kept
 
     def _close_files(self, run: _Run) -> None:
+        run.journal.close()
         for f in run.files.values():
             try:
                 f.close()
@@ -488,8 +526,15 @@ class Aggregator:
             self._disk_error("an event file", e)
             return
         self._sync_now, self._last_sync = False, now
-        for stream in self._streams.values():
+        for (_, rank, stream_id), stream in self._streams.items():
             stream.durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
+            self._runs[stream.run].journal.durable(rank, stream_id, stream.durable)
+        for run in self._runs.values():
+            if run.journal.dirty:
+                try:
+                    run.journal.checkpoint()
+                except OSError as e:
+                    self._disk_error(run.journal.path, e)
 
     def _file(self, name: str, run: _Run, path: str) -> EventFile:
         f = run.files.get(path)
@@ -561,6 +606,23 @@ class Aggregator:
             log.info("%s", line)
 
 
+def _replay_flags(fate: journal_pb2.LateRecords | None, kind: str, n: int) -> list[int]:
+    """What an earlier aggregator did with each of a batch's ``n`` records of a kind (0: nothing)."""
+    if fate is None:
+        return [0] * n
+    late = set(getattr(fate, kind))
+    return [REPLAY_LATE if i in late else REPLAY_MERGED for i in range(n)]
+
+
+def _written_before(run: _Run, path: str, event: event_pb2.Event) -> bool:
+    """Whether an earlier aggregator wrote this passed-through event of a batch it merged.
+
+    Summaries are looked up; other events (a graph, say) are taken as written: the aggregator
+    writes them right after it journals their batch, so only a crash between the two loses one.
+    """
+    return all(run.recovered.get((path, value.tag), -1) >= event.step for value in event.summary.value)
+
+
 def _written_steps(run_dir: str) -> dict[tuple[str, str], int]:
     """(run path, tag) -> the last step of that tag in the event files below ``run_dir``."""
     last: dict[tuple[str, str], int] = {}
@@ -583,8 +645,6 @@ def _written_steps(run_dir: str) -> dict[tuple[str, str], int]:
                     if event.step > last.get(key, -1):
                         last[key] = event.step
     return last
-
-    return True
 
 
 def install_signal_handlers(aggregator: Aggregator) -> None:

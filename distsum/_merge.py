@@ -55,6 +55,14 @@ histogram, image list or text counts as ``BLOB_WEIGHT`` values plus its payload 
 ``take_ready`` takes the oldest open steps early until the rest fit. The bound is applied by
 ``take_ready``, which the aggregator calls after every batch, so at most one batch over it.
 
+**After a restart.** An aggregator that crashed may have written part of what the ranks resend.
+``written`` gives what its event files hold, as the last step of each (run path, tag): a series
+starts out written up to there, and its late runs likewise. A resent record comes with the fate
+an earlier aggregator gave it (``REPLAY_MERGED``: into its step; ``REPLAY_LATE``: to the late
+run), from the journal; it is dropped as ``replayed`` when that step or late run already holds
+it, and otherwise merged as if new. A record an earlier aggregator never merged is new: if its
+step was written without it, it is late like any other.
+
 **Wall times** are the aggregator's to validate; a NaN or infinite one takes no part in a step's
 wall time, and a step with no finite one gets the latest wall time written before it (0.0 first).
 """
@@ -66,7 +74,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
@@ -77,16 +85,29 @@ from distsum._image import EncodedImage
 from distsum._proto import wire_pb2
 from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, image_tags
 
-__all__ = ["BLOB_WEIGHT", "MergeStats", "MergedStep", "RunMerger", "SeriesSpec"]
+__all__ = [
+    "BLOB_WEIGHT",
+    "REPLAY_LATE",
+    "REPLAY_MERGED",
+    "MergeStats",
+    "MergedStep",
+    "RunMerger",
+    "SeriesSpec",
+]
 
 # What a held histogram, image list or text counts for against max_open_values, on top of its
 # payload: roughly its Python objects, in units of one held scalar.
 BLOB_WEIGHT = 1000
 
+# What an earlier aggregator did with a resent record (0: it never merged it).
+REPLAY_MERGED = 1
+REPLAY_LATE = 2
+
 # Python ints beyond int64 on either side, so "nothing yet" and "everything" compare with any step.
 _BEFORE_ALL = -(2**64)
 _AFTER_ALL = 2**64
 _INT64_MAX = np.iinfo(np.int64).max
+_INT64_MIN = np.iinfo(np.int64).min
 
 _OPS = (wire_pb2.MEAN, wire_pb2.SUM, wire_pb2.MIN, wire_pb2.MAX)
 _OP_NAMES: dict[int, str] = {
@@ -162,6 +183,8 @@ class MergeStats:
     """Steps taken because their first record was older than ``step_timeout``."""
     steps_forced: int
     """Steps taken before they were complete for another reason: memory or ``take_all``."""
+    replayed: int
+    """Resent records dropped because an earlier aggregator had written them."""
     waited_ranks: int
     """Ranks the frontier waits for: joined and not left, or expected and not yet joined."""
 
@@ -244,6 +267,7 @@ class RunMerger:
         step_timeout: float,
         max_open_values: int = 10_000_000,
         world_size: int | None = None,
+        written: Mapping[tuple[str, str], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not step_timeout >= 0:
@@ -267,6 +291,14 @@ class RunMerger:
         self._opbits = np.empty(0, dtype=np.int64)
         self._per_rank = np.empty(0, dtype=bool)
         self._conflict = np.empty(0, dtype=bool)
+        # What an earlier aggregator wrote: (run path, tag) -> last step; the same per series.
+        self._written = dict(written or {})
+        self._written_ranks: dict[tuple[str, str], int] = {}
+        for (path, tag), step in self._written.items():
+            prefix = _rank_prefix(path)
+            if prefix is not None:
+                self._written_ranks[prefix, tag] = max(step, self._written_ranks.get((prefix, tag), step))
+        self._recovered = np.empty(0, dtype=np.int64)
 
         # Ranks: True joined, False left. _done[r]: every step <= _done[r] is moved past by r.
         self._state: dict[int, bool] = {}
@@ -299,6 +331,7 @@ class RunMerger:
         self._steps_written = 0
         self._steps_timed_out = 0
         self._steps_forced = 0
+        self._replayed = 0
         self._last_wall = 0.0
 
         if world_size is not None:
@@ -389,7 +422,15 @@ class RunMerger:
             self._opbits = np.resize(self._opbits, size)
             self._per_rank = np.resize(self._per_rank, size)
             self._conflict = np.resize(self._conflict, size)
-        self._last[sid] = _INT64_MAX if conflict else np.iinfo(np.int64).min
+            self._recovered = np.resize(self._recovered, size)
+        written = max(
+            (self._written.get((subrun, t), _INT64_MIN) for t in run_tags),
+            default=_INT64_MIN,
+        )
+        if per_rank:
+            written = max(written, self._written_ranks.get((rank_prefix, tag), _INT64_MIN))
+        self._recovered[sid] = written
+        self._last[sid] = _INT64_MAX if conflict else written
         self._opbits[sid] = opbits
         self._per_rank[sid] = per_rank
         self._conflict[sid] = conflict
@@ -491,11 +532,15 @@ class RunMerger:
         steps: np.ndarray,
         values: np.ndarray,
         wall_times: np.ndarray,
-    ) -> None:
+        replay: np.ndarray | None = None,
+    ) -> np.ndarray | None:
         """Scalar records of one batch of ``rank``, as columns; a later duplicate replaces an earlier.
 
-        The merger keeps the arrays: the caller must not modify them afterwards. Raises
-        ValueError if the columns differ in length or name an unknown series.
+        ``replay``: per record, what an earlier aggregator did with it (``REPLAY_MERGED``,
+        ``REPLAY_LATE``, 0), for a resent batch. Returns the indices of the records that went
+        late (or were dropped as conflicting), None if none did. The merger keeps the arrays: the
+        caller must not modify them afterwards. Raises ValueError if the columns differ in length
+        or name an unknown series.
         """
         unsigned = isinstance(series, np.ndarray) and series.dtype.kind == "u"
         series = np.asarray(series, dtype=np.intp)
@@ -508,8 +553,10 @@ class RunMerger:
                 f"scalar columns must be 1-D of one length, got shapes {series.shape}, "
                 f"{steps.shape}, {values.shape}, {wall_times.shape}"
             )
+        if replay is not None and replay.shape != (n,):
+            raise ValueError(f"replay flags must have the records' shape {(n,)}, got {replay.shape}")
         if n == 0:
-            return
+            return None
         if _max(series) >= len(self._series) or not (unsigned or _min(series) >= 0):
             raise ValueError(
                 f"scalar records name series {series.min()}..{series.max()}, "
@@ -519,14 +566,33 @@ class RunMerger:
         lo, hi = int(_min(steps)), int(_max(steps))
         self._logged(rank, hi)
 
+        index = None
+        if replay is not None:
+            # Merged into a step that an earlier aggregator then wrote: it is there already.
+            done = (replay == REPLAY_MERGED) & np.less_equal(steps, self._recovered.take(series))
+            if np.count_nonzero(done):
+                self._replayed += int(np.count_nonzero(done))
+                keep = ~done
+                series, steps, values, wall_times = series[keep], steps[keep], values[keep], wall_times[keep]
+                replay, index = replay[keep], np.flatnonzero(keep)
         behind = np.less_equal(steps, self._last.take(series))
+        late = None
         if np.count_nonzero(behind):
+            late = np.flatnonzero(behind) if index is None else index[behind]
             ahead = ~behind
-            self._add_late_scalars(rank, series[behind], steps[behind], values[behind], wall_times[behind])
+            self._add_late_scalars(
+                rank,
+                series[behind],
+                steps[behind],
+                values[behind],
+                wall_times[behind],
+                None if replay is None else replay[behind],
+            )
             series, steps, values, wall_times = series[ahead], steps[ahead], values[ahead], wall_times[ahead]
-            n = series.size
-            if n == 0:
-                return
+        n = series.size
+        if n == 0:
+            return late
+        if n != len(behind) or index is not None:
             lo, hi = int(_min(steps)), int(_max(steps))
         self._chunks.append(_Chunk(self._rank_column(rank, n), series, steps, values, wall_times, lo, hi))
         if len(self._chunks) - self._consolidated >= _CONSOLIDATE_AFTER:
@@ -538,6 +604,7 @@ class RunMerger:
             unique, counts = np.unique(steps, return_counts=True)
             for step, count in zip(unique.tolist(), counts.tolist(), strict=True):
                 self._hold(step, count, now)
+        return late
 
     def _rank_column(self, rank: int, n: int) -> np.ndarray:
         """``n`` times ``rank``: a read-only view, shared by every chunk of the rank."""
@@ -549,12 +616,25 @@ class RunMerger:
         return column[:n]
 
     def _add_late_scalars(
-        self, rank: int, series: np.ndarray, steps: np.ndarray, values: np.ndarray, walls: np.ndarray
+        self,
+        rank: int,
+        series: np.ndarray,
+        steps: np.ndarray,
+        values: np.ndarray,
+        walls: np.ndarray,
+        replay: np.ndarray | None,
     ) -> None:
-        conflicting = self._conflict[series]
-        if conflicting.any():
-            self._conflicts += int(np.count_nonzero(conflicting))
-            late = ~conflicting
+        drop = self._conflict[series]
+        if drop.any():
+            self._conflicts += int(np.count_nonzero(drop))
+        if replay is not None:
+            # Sent to the late run by an earlier aggregator, which may have written it there.
+            for i in np.flatnonzero(replay == REPLAY_LATE).tolist():
+                if not drop[i] and steps[i] <= self._written_late(int(series[i]), rank):
+                    drop[i] = True
+                    self._replayed += 1
+        if drop.any():
+            late = ~drop
             series, steps, values, walls = series[late], steps[late], values[late], walls[late]
         if series.size:
             self._late += int(series.size)
@@ -563,24 +643,41 @@ class RunMerger:
                 _Chunk(ranks, series, steps, values, walls, int(steps.min()), int(steps.max()))
             )
 
+    def _written_late(self, sid: int, rank: int) -> int:
+        """The last step an earlier aggregator wrote for the series in the rank's late run."""
+        info = self._series[sid]
+        tag = info.image_tags[0] if info.image_tags else info.spec.tag
+        return self._written.get((self._rank_run(info.late_prefix, rank), tag), _INT64_MIN)
+
     def add_histogram(
-        self, rank: int, series: int, step: int, histogram: Histogram, wall_time: float
-    ) -> None:
-        """One rank's histogram for a (series, step); the rank's last one wins."""
+        self, rank: int, series: int, step: int, histogram: Histogram, wall_time: float, replay: int = 0
+    ) -> bool:
+        """One rank's histogram for a (series, step); the rank's last one wins. True if late.
+
+        ``replay`` as for ``add_scalars``; the same holds for images and text.
+        """
         weight = BLOB_WEIGHT + histogram.counts.nbytes // 8
-        self._add_blob(rank, series, step, wire_pb2.HISTOGRAM, histogram, wall_time, weight)
+        return self._add_blob(rank, series, step, wire_pb2.HISTOGRAM, histogram, wall_time, weight, replay)
 
     def add_images(
-        self, rank: int, series: int, step: int, images: list[EncodedImage], wall_time: float
-    ) -> None:
-        """One rank's images for a (series, step), in order; the rank's last list wins."""
+        self,
+        rank: int,
+        series: int,
+        step: int,
+        images: list[EncodedImage],
+        wall_time: float,
+        replay: int = 0,
+    ) -> bool:
+        """One rank's images for a (series, step), in order; the rank's last list wins. True if late."""
         weight = BLOB_WEIGHT + sum(len(image.png) for image in images) // 8
-        self._add_blob(rank, series, step, wire_pb2.IMAGES, tuple(images), wall_time, weight)
+        return self._add_blob(rank, series, step, wire_pb2.IMAGES, tuple(images), wall_time, weight, replay)
 
-    def add_text(self, rank: int, series: int, step: int, text: str, wall_time: float) -> None:
-        """One rank's text for a (series, step); the rank's last text wins."""
+    def add_text(
+        self, rank: int, series: int, step: int, text: str, wall_time: float, replay: int = 0
+    ) -> bool:
+        """One rank's text for a (series, step); the rank's last text wins. True if late."""
         weight = BLOB_WEIGHT + len(text) // 8
-        self._add_blob(rank, series, step, wire_pb2.TEXT, text, wall_time, weight)
+        return self._add_blob(rank, series, step, wire_pb2.TEXT, text, wall_time, weight, replay)
 
     def _add_blob(
         self,
@@ -591,7 +688,8 @@ class RunMerger:
         payload: Histogram | tuple[EncodedImage, ...] | str,
         wall_time: float,
         weight: int,
-    ) -> None:
+        replay: int,
+    ) -> bool:
         if not 0 <= series < len(self._series):
             raise ValueError(f"record names series {series}, but only {len(self._series)} are defined")
         step = int(step)
@@ -601,16 +699,22 @@ class RunMerger:
         # A record of another kind than its series is as good as a conflicting definition.
         if spec.conflict or spec.kind != kind:
             self._conflicts += 1
-            return
+            return True
+        if (replay == REPLAY_MERGED and step <= self._recovered[series]) or (
+            replay == REPLAY_LATE and step <= self._written_late(series, rank)
+        ):
+            self._replayed += 1
+            return replay == REPLAY_LATE
         blob = _Blob(payload, float(wall_time), weight)
         if step <= self._last[series]:
             self._late += 1
             self._late_blobs[series, rank, step] = blob
-            return
+            return True
         held = self._blobs.setdefault(step, {})
         old = held.get((series, rank))
         held[series, rank] = blob
         self._hold(step, weight - (old.weight if old else 0), now)
+        return False
 
     def _hold(self, step: int, count: int, now: float) -> None:
         info = self._open.get(step)
@@ -670,6 +774,7 @@ class RunMerger:
             steps_written=self._steps_written,
             steps_timed_out=self._steps_timed_out,
             steps_forced=self._steps_forced,
+            replayed=self._replayed,
             waited_ranks=joined + self._missing,
         )
 
@@ -897,7 +1002,10 @@ class RunMerger:
 
     def _late_step(self, sid: int, rank: int, step: int) -> bool:
         """Whether a late record at ``step`` may go to its late run; counts it dropped if not."""
-        if step <= self._late_last.get((sid, rank), _BEFORE_ALL):
+        last = self._late_last.get((sid, rank))
+        if last is None:
+            last = self._written_late(sid, rank)
+        if step <= last:
             self._late_dropped += 1
             return False
         self._late_last[sid, rank] = step

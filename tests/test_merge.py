@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage
-from distsum._merge import BLOB_WEIGHT, MergedStep, RunMerger
+from distsum._merge import BLOB_WEIGHT, REPLAY_LATE, REPLAY_MERGED, MergedStep, RunMerger
 from distsum._proto.wire_pb2 import (
     HISTOGRAM,
     IMAGES,
@@ -486,6 +486,50 @@ def test_late_histogram_image_and_text_go_raw_to_the_late_run() -> None:
         ("late/rank_1", "t"): {0: "one"},
     }
     assert m.stats().late == 3
+
+
+def test_after_a_restart_series_start_out_written_up_to_what_is_on_disk() -> None:
+    written = {("", "x"): 5, ("late/rank_1", "x"): 2, ("test/rank_3", "y"): 4, ("", "h"): 1}
+    m = merger(written=written)
+    x = m.series("", "x", SCALAR, (SUM,))
+    y = m.series("test", "y", SCALAR, (NONE,))
+    log(m, 0, [(x, 5, 1.0), (x, 6, 1.0), (y, 4, 1.0), (y, 5, 1.0)])
+    m.rank_left(0)
+    # Never merged by the dead aggregator, and its step was written without it: late.
+    assert flatten(m.take_ready()) == {
+        ("", "x"): {6: 1.0},
+        ("late/rank_0", "x"): {5: 1.0},
+        ("test/rank_0", "y"): {5: 1.0},
+        ("test/late/rank_0", "y"): {4: 1.0},
+    }
+    # The late run of rank 1 has step 2 already: a new late record there must come after it.
+    log(m, 1, [(x, 2, 7.0)])
+    assert flatten(m.take_ready()) == {}
+    assert m.stats().late_dropped == 1
+
+
+def test_replayed_records_are_dropped_where_the_dead_aggregator_wrote_them() -> None:
+    m = merger(written={("", "x"): 5, ("late/rank_1", "x"): 3, ("", "h"): 5, ("late/rank_1", "h"): 3})
+    x = m.series("", "x", SCALAR, (SUM,))
+    h = m.series("", "h", HISTOGRAM)
+    m.rank_left(0)
+    steps = np.array([3, 4, 5, 6, 2, 3, 4], dtype=np.int64)
+    replay = np.array([REPLAY_MERGED] * 4 + [REPLAY_LATE] * 3, dtype=np.int8)
+    late = m.add_scalars(1, np.full(7, x, dtype=np.uint32), steps, np.arange(7.0), np.ones(7), replay)
+    # Merged into steps 3..5, which are written: dropped. Step 6 was merged but not written: it
+    # is merged again. Late at 2 and 3, which the late run holds: dropped. Late at 4: written.
+    # The three late ones are late again, for the journal.
+    assert late is not None and late.tolist() == [4, 5, 6]
+    m.rank_left(1)
+    assert flatten(m.take_ready()) == {("", "x"): {6: 3.0}, ("late/rank_1", "x"): {4: 6.0}}
+    hist = Histogram.from_values(np.arange(3.0), tag="h")
+    assert not m.add_histogram(1, h, 5, hist, 1.0, REPLAY_MERGED)
+    assert m.add_histogram(1, h, 3, hist, 1.0, REPLAY_LATE)
+    assert not m.add_histogram(1, h, 6, hist, 1.0, REPLAY_MERGED)
+    assert m.add_histogram(1, h, 4, hist, 1.0, REPLAY_LATE)
+    assert flatten(m.take_ready()) == {("", "h"): {6: hist}, ("late/rank_1", "h"): {4: hist}}
+    stats = m.stats()
+    assert (stats.replayed, stats.late, stats.late_dropped) == (7, 2, 0)
 
 
 # --- histograms, images, text --------------------------------------------------------------------
