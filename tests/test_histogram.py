@@ -16,7 +16,8 @@ from tensorboard.compat.proto import summary_pb2 as tb_summary_pb2
 from tensorboard.compat.proto import tensor_pb2 as tb_tensor_pb2
 from tensorboard.util import tensor_util
 
-from distsum._histogram import _TABLES, BUCKET_LIMITS, NUM_BUCKETS, Histogram, _bucket_indices
+from distsum import _histogram
+from distsum._histogram import BUCKET_LIMITS, NUM_BUCKETS, Histogram, _bucket_indices
 from distsum._proto import types_pb2
 
 DBL_MAX = float(np.finfo(np.float64).max)
@@ -36,6 +37,16 @@ def reference_counts(values: np.ndarray) -> np.ndarray:
 def finite64(values: np.ndarray) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64).ravel()
     return x[np.isfinite(x)]
+
+
+def assert_sums_close(histogram: Histogram, values: np.ndarray) -> None:
+    """``sum`` and ``sum_squares`` are float64 sums added in no particular order (chunk by chunk,
+    several running sums in each): each must be within 1e-12 of the exact sum, relative to the
+    sum of the terms' magnitudes."""
+    wide = finite64(values)
+    assert abs(histogram.sum - math.fsum(wide)) <= 1e-12 * math.fsum(np.abs(wide))
+    squares = wide * wide
+    assert abs(histogram.sum_squares - math.fsum(squares)) <= 1e-12 * math.fsum(squares)
 
 
 def edge_values(dtype: type[np.floating]) -> np.ndarray:
@@ -132,19 +143,52 @@ def test_grid_is_repeated_multiplication():
 # --- Bucket placement ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_lookup_cell_and_every_limit(dtype):
-    """Exhaustive over the lookup table: both ends of every cell, and both sides of every limit."""
-    table = _TABLES[np.dtype(dtype)]
-    keys = np.arange(1 << 16, dtype=table.bits_type)
-    first = keys << table.bits_type(table.shift)
-    last = first | table.bits_type((1 << table.shift) - 1)
+def group_ends(dtype: type[np.floating]) -> np.ndarray:
+    """The lowest and highest bit patterns of every group of ``dtype`` values sharing their top 16
+    bits, as a ``[2, k]`` array of values, finite groups only. For float64 the groups are the
+    bucketing's cells."""
+    bits = np.dtype(dtype.__name__.replace("float", "uint")).type
+    shift = bits(np.dtype(dtype).itemsize * 8 - 16)
+    keys = np.arange(1 << 16, dtype=bits)
+    first = keys << shift
+    last = first | ((bits(1) << shift) - bits(1))
     ends = np.stack([first.view(dtype), last.view(dtype)])
-    ends = ends[:, np.isfinite(ends).all(axis=0)]
-    # The table's premise: no cell spans more than one limit.
-    assert np.abs(np.diff(reference_buckets(ends).reshape(2, -1).astype(int), axis=0)).max() == 1
-    values = np.concatenate([ends.ravel(), edge_values(dtype)])
+    return ends[:, np.isfinite(ends).all(axis=0)]
+
+
+def test_no_cell_spans_more_than_one_boundary():
+    """The premise of the bucketing: a cell's two ends are at most one bucket apart."""
+    ends = group_ends(np.float64)
+    assert ends.shape == (2, 2 * 0x7FF0)
+    spread = np.abs(np.diff(reference_buckets(ends).reshape(2, -1).astype(int), axis=0))
+    assert spread.max() == 1
+
+
+def test_cell_tables():
+    offset, bucket = _histogram._CELL_OFFSET, _histogram._CELL_BUCKET
+    assert offset.dtype == np.uint64 and offset.shape == bucket.shape == (1 << 16,)
+    assert not offset.flags.writeable and not bucket.flags.writeable
+    assert np.all(offset < 2**48)
+    keys = np.arange(1 << 16, dtype=np.uint64)
+    non_finite = (keys & np.uint64(0x7FFF)) >= 0x7FF0
+    assert not np.any(offset[non_finite]) and not np.any(bucket[non_finite])
+    # A cell index is its key or the next one, so even a non-finite value that got this far
+    # would index inside the tables.
+    ends = np.concatenate([keys << np.uint64(48), (keys << np.uint64(48)) | np.uint64((1 << 48) - 1)])
+    assert _histogram._cell_indices(ends, np.empty_like(ends)).max() < 1 << 16
+    # Each limit but the outer two is a boundary inside one cell (none is a cell's first pattern).
+    assert np.count_nonzero(offset) == NUM_BUCKETS - 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_cell_and_every_limit(dtype):
+    """Exhaustive: both ends of every cell, and every limit with the values one ulp either side."""
+    values = np.concatenate([group_ends(dtype).ravel(), edge_values(dtype)])
     np.testing.assert_array_equal(_bucket_indices(values), reference_buckets(values))
+    histogram = Histogram.from_values(values, tag="t")
+    np.testing.assert_array_equal(histogram.counts, reference_counts(values))
+    wide = values.astype(np.float64)
+    assert (histogram.min, histogram.max, histogram.num) == (wide.min(), wide.max(), wide.size)
 
 
 @settings(deadline=None)
@@ -170,9 +214,12 @@ def test_known_placements():
     assert bucket(np.float32(np.finfo(np.float32).max)) == NUM_BUCKETS - 1
 
 
+CHUNK = _histogram._CHUNK
+
+
 def test_large_input_spanning_several_chunks():
     rng = np.random.default_rng(7)
-    size = 3 * 65536 + 11
+    size = 3 * CHUNK + 11
     parts = [
         rng.standard_normal(size).astype(np.float32),
         (rng.standard_normal(size) * 10.0 ** rng.uniform(-15, 22, size)),
@@ -182,8 +229,91 @@ def test_large_input_spanning_several_chunks():
         wide = values.astype(np.float64)
         np.testing.assert_array_equal(histogram.counts, reference_counts(values))
         assert (histogram.min, histogram.max, histogram.num) == (wide.min(), wide.max(), size)
-        assert histogram.sum == pytest.approx(math.fsum(wide), rel=1e-12, abs=1e-12 * np.abs(wide).sum())
-        assert histogram.sum_squares == pytest.approx(math.fsum(wide * wide), rel=1e-12)
+        assert_sums_close(histogram, values)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sums_of_small_integers_are_exact(dtype):
+    """Every partial sum is an integer below 2**53, so any order of addition gives the exact sums."""
+    values = np.random.default_rng(8).integers(-1000, 1001, 2 * CHUNK + 5)
+    histogram = Histogram.from_values(values.astype(dtype), tag="t")
+    assert histogram.sum == float(values.sum())
+    assert histogram.sum_squares == float((values * values).sum())
+
+
+def value_on(limit: float, dtype: type[np.floating]) -> np.floating:
+    """The smallest ``dtype`` value at or above ``limit``: the first of the bucket ``limit`` opens."""
+    value = np.asarray(limit).astype(dtype)
+    return value if value >= limit else np.nextafter(value, dtype(np.inf))
+
+
+def value_below(limit: float, dtype: type[np.floating]) -> np.floating:
+    """The largest ``dtype`` value below ``limit``: the last of the bucket ``limit`` closes."""
+    value = np.asarray(limit).astype(dtype)
+    return value if value < limit else np.nextafter(value, dtype(-np.inf))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_min_and_max_at_the_edges_of_their_buckets(dtype):
+    """The smallest value opens the first non-empty bucket and the largest closes the last one, in
+    other chunks than their neighbours one ulp inside: min and max are exactly those values."""
+    # Buckets beyond the values' range, [-1, 1): [-BUCKET_LIMITS[k + 1], -BUCKET_LIMITS[k]) and
+    # [BUCKET_LIMITS[k], BUCKET_LIMITS[k + 1]), with BUCKET_LIMITS[k] the first limit from 1 on.
+    k = int(np.searchsorted(BUCKET_LIMITS, 1.0))
+    low = value_on(-BUCKET_LIMITS[k + 1], dtype)
+    high = value_below(BUCKET_LIMITS[k + 1], dtype)
+    values = np.random.default_rng(9).uniform(-1, 1, 2 * CHUNK + 3).astype(dtype)
+    values[[3, CHUNK + 1]] = np.nextafter(low, dtype(0)), np.nextafter(high, dtype(0))
+    values[[CHUNK - 1, -1]] = high, low
+    histogram = Histogram.from_values(values, tag="t")
+    np.testing.assert_array_equal(histogram.counts, reference_counts(values))
+    assert (histogram.min, histogram.max) == (float(low), float(high))
+    nonempty = np.flatnonzero(histogram.counts)
+    assert reference_buckets([low, high]).tolist() == [nonempty[0], nonempty[-1]]
+    assert histogram.counts[nonempty[0]] == histogram.counts[nonempty[-1]] == 2
+    indices, counts = histogram.to_sparse()
+    assert Histogram.from_parts(indices, counts, **parts_of(histogram)) == histogram
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_subnormals_and_signed_zeros(dtype):
+    info = np.finfo(dtype)
+    subnormals = np.array([info.smallest_subnormal, info.tiny / 2, np.nextafter(info.tiny, 0)], dtype=dtype)
+    values = np.concatenate([subnormals, -subnormals, np.array([0.0, -0.0], dtype=dtype)])
+    histogram = Histogram.from_values(values, tag="t")
+    zero = 775  # the bucket [-1e-12, 0); [0, 1e-12) is the next one
+    assert np.flatnonzero(histogram.counts).tolist() == [zero, zero + 1]
+    assert (histogram.counts[zero], histogram.counts[zero + 1]) == (3, 5)
+    assert (histogram.min, histogram.max) == (-float(subnormals[-1]), float(subnormals[-1]))
+    assert histogram.sum == 0.0
+    negative_zero = Histogram.from_values(np.array([-0.0], dtype=dtype), tag="t")
+    assert np.flatnonzero(negative_zero.counts).tolist() == [zero + 1]
+    assert negative_zero.min == negative_zero.max == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_nan_input(dtype):
+    size = CHUNK + 5
+    histogram = Histogram.from_values(np.full(size, np.nan, dtype=dtype), tag="t")
+    zeros = np.zeros(NUM_BUCKETS, dtype=np.int64)
+    assert histogram == Histogram(zeros, math.inf, -math.inf, 0, 0.0, 0.0, nan=size)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_values_across_chunks(dtype):
+    rng = np.random.default_rng(10)
+    values = rng.standard_normal(3 * CHUNK + 1).astype(dtype)
+    places = rng.permutation(values.size)[:300]
+    places[:3] = [0, CHUNK, values.size - 1]
+    values[places[:100]] = np.nan
+    values[places[100:250]] = np.inf
+    values[places[250:]] = -np.inf
+    histogram = Histogram.from_values(values, tag="t")
+    assert (histogram.nan, histogram.posinf, histogram.neginf) == (100, 150, 50)
+    finite = finite64(values)
+    np.testing.assert_array_equal(histogram.counts, reference_counts(finite))
+    assert (histogram.min, histogram.max, histogram.num) == (finite.min(), finite.max(), finite.size)
+    assert_sums_close(histogram, values)
 
 
 @pytest.mark.parametrize(
