@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -31,7 +32,7 @@ from distsum._merge import REPLAY_LATE, REPLAY_MERGED, MergedStep, RunMerger
 from distsum._process import alive
 from distsum._proto import event_pb2, journal_pb2, wire_pb2
 from distsum._security import ServerKeys, is_local
-from distsum._summaries import Item, ScalarItem, to_values
+from distsum._summaries import Item, ScalarBlock, ScalarItem, event_bytes
 from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack, histogram_of
 
 __all__ = ["Aggregator", "AggregatorOptions"]
@@ -442,9 +443,7 @@ class Aggregator:
                         items = self._not_written_before(run, path, merged.step, items)
                         if not items:
                             continue
-                    event = event_pb2.Event(wall_time=merged.wall_time, step=merged.step)
-                    event.summary.value.extend(to_values(items))
-                    data = event.SerializeToString()
+                    data = event_bytes(merged.step, merged.wall_time, items)
                     run.pending.setdefault(path, []).append((merged.step, data))
                     self.pending_bytes += len(data)
             if run.pending:
@@ -480,8 +479,12 @@ class Aggregator:
                         del stream.open_steps[step]
 
     def _not_written_before(self, run: _Run, path: str, step: int, items: list[Item]) -> list[Item]:
-        kept = [item for item in items if run.recovered.get((path, item.tag), -1) < step]
-        self.rewritten += len(items) - len(kept)
+        recovered = run.recovered
+        if not any(recovered.get((path, tag), -1) >= step for tag in _tags(items)):
+            return items
+        flat = [one for item in items for one in (item.items() if isinstance(item, ScalarBlock) else (item,))]
+        kept = [item for item in flat if recovered.get((path, item.tag), -1) < step]
+        self.rewritten += len(flat) - len(kept)
         return kept
 
     def _close_files(self, run: _Run) -> None:
@@ -604,6 +607,14 @@ class Aggregator:
             (now - elapsed) / self.options.status_interval
         ):
             log.info("%s", line)
+
+
+def _tags(items: list[Item]) -> Iterator[str]:
+    for item in items:
+        if isinstance(item, ScalarBlock):
+            yield from item.tags.tags
+        else:
+            yield item.tag
 
 
 def _replay_flags(fate: journal_pb2.LateRecords | None, kind: str, n: int) -> list[int]:

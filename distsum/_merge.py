@@ -83,7 +83,16 @@ import numpy as np
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage
 from distsum._proto import wire_pb2
-from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, image_tags
+from distsum._summaries import (
+    HistogramItem,
+    ImageItem,
+    Item,
+    ScalarBlock,
+    ScalarItem,
+    ScalarTags,
+    TextItem,
+    image_tags,
+)
 
 __all__ = [
     "BLOB_WEIGHT",
@@ -120,6 +129,10 @@ _REDUCES = (*_OPS, wire_pb2.NONE)
 _KINDS = (wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.IMAGES, wire_pb2.TEXT)
 # Bits of _Series.opbits: which reductions a scalar series needs.
 _BIT: dict[int, int] = {op: 1 << op for op in _OPS}
+# A scalar output is coded series * _CODES + op.
+_CODES = 8
+# ScalarTags kept for reuse; beyond this many layouts, the cache starts over.
+_MAX_LAYOUTS = 4096
 _RANK_LEAF = re.compile(r"rank_(?:0|[1-9][0-9]*)")
 # Chunks appended since the last consolidation that trigger one: bounds the Python objects
 # per held value when ranks send many small batches.
@@ -299,6 +312,12 @@ class RunMerger:
             if prefix is not None:
                 self._written_ranks[prefix, tag] = max(step, self._written_ranks.get((prefix, tag), step))
         self._recovered = np.empty(0, dtype=np.int64)
+        # Sub-runs by index, each series' sub-run index, and the tag of each scalar output code.
+        self._paths: list[str] = []
+        self._path_ids: dict[str, int] = {}
+        self._path_index = np.empty(0, dtype=np.intp)
+        self._output_tags: dict[int, str] = {}
+        self._layouts: dict[bytes, ScalarTags] = {}
 
         # Ranks: True joined, False left. _done[r]: every step <= _done[r] is moved past by r.
         self._state: dict[int, bool] = {}
@@ -423,6 +442,14 @@ class RunMerger:
             self._per_rank = np.resize(self._per_rank, size)
             self._conflict = np.resize(self._conflict, size)
             self._recovered = np.resize(self._recovered, size)
+            self._path_index = np.resize(self._path_index, size)
+        path = self._path_ids.get(subrun)
+        if path is None:
+            path = self._path_ids[subrun] = len(self._paths)
+            self._paths.append(subrun)
+        self._path_index[sid] = path
+        for op, output_tag in ops:
+            self._output_tags[sid * _CODES + op] = output_tag
         written = max(
             (self._written.get((subrun, t), _INT64_MIN) for t in run_tags),
             default=_INT64_MIN,
@@ -886,43 +913,69 @@ class RunMerger:
         ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))
         self._last[series[ends]] = np.maximum(self._last[series[ends]], steps[ends])
 
-        need = int(np.bitwise_or.reduce(self._opbits[group_series]))
-        reduced: list[list[float]] = [[], [], [], []]
+        group_opbits = self._opbits[group_series]
+        need = int(np.bitwise_or.reduce(group_opbits))
+        # One output row per (group, reduction the series writes to its sub-run).
+        rows, codes, outs = [], [], []
         with np.errstate(all="ignore"):
-            if need & (_BIT[wire_pb2.MEAN] | _BIT[wire_pb2.SUM]):
-                sums = np.add.reduceat(values, starts)
-                reduced[wire_pb2.SUM] = sums.tolist()
-                if need & _BIT[wire_pb2.MEAN]:
-                    counts = np.diff(np.append(starts, m))
-                    reduced[wire_pb2.MEAN] = (sums / counts).tolist()
-            if need & _BIT[wire_pb2.MIN]:
-                reduced[wire_pb2.MIN] = np.minimum.reduceat(values, starts).tolist()
-            if need & _BIT[wire_pb2.MAX]:
-                reduced[wire_pb2.MAX] = np.maximum.reduceat(values, starts).tolist()
+            summed = need & (_BIT[wire_pb2.MEAN] | _BIT[wire_pb2.SUM])
+            sums = np.add.reduceat(values, starts) if summed else None
+            for op in _OPS:
+                if not need & _BIT[op]:
+                    continue
+                if op == wire_pb2.SUM:
+                    reduced = sums
+                elif op == wire_pb2.MEAN:
+                    reduced = sums / np.diff(np.append(starts, m))
+                elif op == wire_pb2.MIN:
+                    reduced = np.minimum.reduceat(values, starts)
+                else:
+                    reduced = np.maximum.reduceat(values, starts)
+                chosen = np.flatnonzero(group_opbits & _BIT[op])
+                rows.append(chosen)
+                codes.append(group_series[chosen] * _CODES + op)
+                outs.append(reduced[chosen])
         # Non-finite wall times (refused upstream, normally) take no part in a step's wall time.
         finite_walls = np.where(np.isfinite(walls), walls, -np.inf)
-        group_walls = np.maximum.reduceat(finite_walls, starts).tolist()
-
-        specs = self._series
-        merged = None
-        for i, (sid, step) in enumerate(zip(group_series.tolist(), group_steps.tolist(), strict=True)):
-            if merged is None or merged.step != step:
-                merged = out.get(step)
-                if merged is None:
-                    merged = out[step] = MergedStep(step, -math.inf, {})
-            wall = group_walls[i]
-            if wall > merged.wall_time:
+        group_walls = np.maximum.reduceat(finite_walls, starts)
+        out_steps, step_of_group = np.unique(group_steps, return_inverse=True)
+        step_walls = np.full(out_steps.size, -np.inf)
+        np.maximum.at(step_walls, step_of_group, group_walls)
+        for step, wall in zip(out_steps.tolist(), step_walls.tolist(), strict=True):
+            merged = out.get(step)
+            if merged is None:
+                out[step] = MergedStep(step, wall, {})
+            elif wall > merged.wall_time:
                 merged.wall_time = wall
-            info = specs[sid]
-            if info.ops:
-                items = merged.outputs.get(info.spec.subrun)
+
+        if rows:
+            # Blocks by (step, sub-run), their values in code order, so that a step with the
+            # same tags as the one before reuses its ScalarTags.
+            row = np.concatenate(rows)
+            code = np.concatenate(codes)
+            value = np.concatenate(outs)
+            step_index = step_of_group[row]
+            path = self._path_index[group_series[row]]
+            order = np.lexsort((code, path, step_index))
+            code, value, step_index, path = code[order], value[order], step_index[order], path[order]
+            cut = np.flatnonzero((step_index[1:] != step_index[:-1]) | (path[1:] != path[:-1])) + 1
+            firsts = [0, *cut.tolist()]
+            lasts = [*cut.tolist(), code.size]
+            block_steps = out_steps[step_index[firsts]].tolist()
+            block_paths = path[firsts].tolist()
+            for a, b, step, path_id in zip(firsts, lasts, block_steps, block_paths, strict=True):
+                block = ScalarBlock(self._scalar_tags(code[a:b]), value[a:b])
+                outputs = out[step].outputs
+                subrun = self._paths[path_id]
+                items = outputs.get(subrun)
                 if items is None:
-                    items = merged.outputs[info.spec.subrun] = []
-                for op, tag in info.ops:
-                    items.append(ScalarItem(tag, reduced[op][i]))
+                    outputs[subrun] = [block]
+                else:
+                    items.append(block)
 
         per_rank = self._per_rank[series]
         if np.count_nonzero(per_rank):
+            specs = self._series
             where = np.flatnonzero(per_rank)
             rank_runs = self._rank_runs
             last_sid = last_step = None
@@ -943,6 +996,15 @@ class RunMerger:
                 if items is None:
                     items = outputs[run] = []
                 items.append(ScalarItem(tag, value))
+
+    def _scalar_tags(self, codes: np.ndarray) -> ScalarTags:
+        key = codes.tobytes()
+        tags = self._layouts.get(key)
+        if tags is None:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            tags = self._layouts[key] = ScalarTags([self._output_tags[c] for c in codes.tolist()])
+        return tags
 
     def _rank_run(self, prefix: str, rank: int) -> str:
         run = self._rank_runs.get((prefix, rank))

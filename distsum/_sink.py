@@ -23,7 +23,7 @@ from distsum import _api
 from distsum._client import HISTOGRAM, IMAGES, RAW, SCALAR, TEXT
 from distsum._eventfile import EventWriter
 from distsum._proto import event_pb2, wire_pb2
-from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, to_values
+from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, event_bytes
 from distsum._wire import check_run_name
 
 log = logging.getLogger("distsum")
@@ -75,9 +75,7 @@ class LocalSink:
         return self._writer.path
 
     def add_items(self, items: Sequence[Item], step: int, wall_time: float | None = None) -> None:
-        event = event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time, step=step)
-        event.summary.value.extend(to_values(items))
-        self._writer.add(event.SerializeToString())
+        self._writer.add(event_bytes(step, time.time() if wall_time is None else wall_time, items))
 
     def add_event(self, event: event_pb2.Event) -> None:
         self._writer.add(event.SerializeToString())

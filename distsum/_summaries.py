@@ -6,7 +6,10 @@ images as pixels. ``to_values`` turns items into the ``Summary.Value`` protos wr
 and is the one place that decides how each kind looks on disk:
 
 ==========  ======================================================================================
-scalar      legacy ``simple_value`` (float32); both loaders and tbparse show it as a scalar
+scalar      legacy ``simple_value`` (float32); both loaders and tbparse show it as a scalar.
+            A ``ScalarBlock`` is many of them at once, as the aggregator writes them: its bytes
+            are a template per layout of tags with the values filled in, the same bytes
+            ``to_values`` gives
 histogram   TF2 ``[k, 3]`` float64 tensor, plugin ``histograms``: both loaders serve it the same
 images      legacy ``Summary.Image`` PNGs, one Value each, TF1 tag naming (``name/image/i``)
 text        rank-0 DT_STRING tensor, plugin ``text`` (rendered as Markdown)
@@ -28,18 +31,22 @@ from google.protobuf import struct_pb2
 
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage, encode_png
-from distsum._proto import hparams_pb2, summary_pb2, types_pb2
+from distsum._proto import event_pb2, hparams_pb2, summary_pb2, types_pb2
 
 __all__ = [
     "HistogramItem",
     "ImageItem",
     "Item",
     "ProtoItem",
+    "ScalarBlock",
     "ScalarItem",
+    "ScalarTags",
     "TextItem",
+    "event_bytes",
     "hparams_items",
     "image_tags",
     "item_from_value",
+    "summary_bytes",
     "to_values",
 ]
 
@@ -48,6 +55,65 @@ __all__ = [
 class ScalarItem:
     tag: str
     value: float
+
+
+class ScalarTags:
+    """The tags of a ``ScalarBlock``, in order, and the bytes of their Values around the numbers.
+
+    Built once per layout (the aggregator keeps one per set of tags it writes together), so
+    writing a block is one copy of the template and one scatter of float32 bytes into it.
+    """
+
+    __slots__ = ("_slots", "_template", "tags")
+
+    def __init__(self, tags: Sequence[str]) -> None:
+        self.tags = tuple(tags)
+        parts, slots, offset = [], [], 0
+        for tag in self.tags:
+            # Summary.value (field 1) holding Value{tag (1): str, simple_value (2): float}.
+            name = tag.encode("utf-8")
+            value = b"\x0a" + _varint(len(name)) + name + b"\x15"
+            prefix = b"\x0a" + _varint(len(value) + 4) + value
+            parts += (prefix, bytes(4))
+            offset += len(prefix)
+            slots.append(offset)
+            offset += 4
+        self._template = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        self._slots = (np.array(slots, dtype=np.intp)[:, None] + np.arange(4)).ravel()
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def __repr__(self) -> str:
+        return f"ScalarTags({list(self.tags)!r})"
+
+    def encode(self, values: np.ndarray) -> bytes:
+        """The serialized ``Summary`` values for ``values`` (one per tag, rounded to float32)."""
+        out = self._template.copy()
+        with np.errstate(over="ignore"):
+            out[self._slots] = values.astype("<f4").view(np.uint8)
+        return out.tobytes()
+
+
+@dataclass(frozen=True, slots=True)
+class ScalarBlock:
+    """Scalars at one step of one run path: ``values[i]`` under ``tags.tags[i]``."""
+
+    tags: ScalarTags
+    values: np.ndarray
+
+    def items(self) -> list[ScalarItem]:
+        values = self.values.tolist()
+        return [ScalarItem(tag, value) for tag, value in zip(self.tags.tags, values, strict=True)]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +155,7 @@ class ProtoItem:
         return self.value.tag
 
 
-Item = ScalarItem | HistogramItem | ImageItem | TextItem | ProtoItem
+Item = ScalarItem | ScalarBlock | HistogramItem | ImageItem | TextItem | ProtoItem
 
 
 def _metadata(
@@ -126,6 +192,8 @@ def to_values(items: Iterable[Item], *, legacy_histograms: bool = False) -> list
     for item in items:
         if isinstance(item, ScalarItem):
             values.append(summary_pb2.Summary.Value(tag=item.tag, simple_value=item.value))
+        elif isinstance(item, ScalarBlock):
+            values.extend(to_values(item.items()))
         elif isinstance(item, HistogramItem) and legacy_histograms:
             values.append(summary_pb2.Summary.Value(tag=item.tag, histo=item.histogram.to_histogram_proto()))
         elif isinstance(item, HistogramItem):
@@ -152,6 +220,31 @@ def to_values(items: Iterable[Item], *, legacy_histograms: bool = False) -> list
         else:
             raise TypeError(f"not a summary item: {item!r}")
     return values
+
+
+def summary_bytes(items: Iterable[Item]) -> bytes:
+    """The serialized ``Summary`` holding ``items``: the bytes of ``Summary(value=to_values(items))``."""
+    parts: list[bytes] = []
+    others: list[Item] = []
+    for item in items:
+        if type(item) is ScalarBlock:
+            if others:
+                parts.append(summary_pb2.Summary(value=to_values(others)).SerializeToString())
+                others = []
+            parts.append(item.tags.encode(item.values))
+        else:
+            others.append(item)
+    if others:
+        parts.append(summary_pb2.Summary(value=to_values(others)).SerializeToString())
+    return b"".join(parts)
+
+
+def event_bytes(step: int, wall_time: float, items: Iterable[Item]) -> bytes:
+    """The serialized ``Event`` at ``step`` whose summary holds ``items``."""
+    summary = summary_bytes(items)
+    # Event.summary is field 5, length-delimited: tag byte 0x2a.
+    head = event_pb2.Event(wall_time=wall_time, step=step).SerializeToString()
+    return b"".join((head, b"\x2a", _varint(len(summary)), summary))
 
 
 def item_from_value(value: summary_pb2.Summary.Value) -> Item:

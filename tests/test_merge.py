@@ -30,7 +30,7 @@ from distsum._proto.wire_pb2 import (
     SUM,
     TEXT,
 )
-from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem
+from distsum._summaries import HistogramItem, ImageItem, Item, ScalarBlock, ScalarItem, TextItem
 
 OP_NAMES: dict[int, str] = {MEAN: "mean", SUM: "sum", MIN: "min", MAX: "max"}
 NUMPY_OPS: dict[int, Callable[[np.ndarray], Any]] = {MEAN: np.mean, SUM: np.sum, MIN: np.min, MAX: np.max}
@@ -73,12 +73,17 @@ def payload(item: Item) -> object:
     raise AssertionError(item)
 
 
+def expand(item: Item) -> list[Item]:
+    """A ScalarBlock as the ScalarItems it stands for; any other item as it is."""
+    return item.items() if isinstance(item, ScalarBlock) else [item]
+
+
 def flatten(merged: Sequence[MergedStep]) -> dict[tuple[str, str], dict[int, Any]]:
     """(run, tag) -> {step: payload}, failing on a (run, tag, step) seen twice."""
     out: dict[tuple[str, str], dict[int, Any]] = defaultdict(dict)
     for step in merged:
         for run, items in step.outputs.items():
-            for item in items:
+            for item in (one for item in items for one in expand(item)):
                 assert step.step not in out[run, item.tag], (run, item.tag, step.step)
                 out[run, item.tag][step.step] = payload(item)
     return dict(out)
@@ -761,7 +766,7 @@ def test_every_run_tag_gets_each_step_once_in_increasing_order(
             assert merged.outputs and math.isfinite(merged.wall_time)
             for run, items in merged.outputs.items():
                 assert items
-                tags = [item.tag for item in items]
+                tags = [one.tag for item in items for one in expand(item)]
                 assert len(tags) == len(set(tags)), (run, tags)
                 for tag in tags:
                     assert merged.step > last.get((run, tag), -1), (run, tag, merged.step)
@@ -774,7 +779,7 @@ def test_every_run_tag_gets_each_step_once_in_increasing_order(
         for take in takes
         for merged in take
         for run, items in merged.outputs.items()
-        for item in items
+        for item in (one for item in items for one in expand(item))
         if item.tag == "loss" and "rank_" in run
     )
     assert len(loss_keys) <= written + stats.late_dropped

@@ -1,0 +1,78 @@
+"""Summary bytes: the aggregator's bulk scalar encoding against protobuf's, byte for byte."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distsum._histogram import Histogram
+from distsum._proto import event_pb2, summary_pb2
+from distsum._summaries import (
+    HistogramItem,
+    ScalarBlock,
+    ScalarItem,
+    ScalarTags,
+    TextItem,
+    event_bytes,
+    summary_bytes,
+    to_values,
+)
+
+EDGES = [
+    0.0,
+    -0.0,
+    1.0,
+    -2.5,
+    np.nan,
+    np.inf,
+    -np.inf,
+    1e300,  # beyond float32: inf
+    -1e300,
+    3.4028235e38,  # float32 max
+    3.4028236e38,  # rounds to float32 max
+    1e-46,  # below float32's subnormals: 0
+    1.4e-45,  # the smallest float32 subnormal
+    1 / 3,
+]
+
+TAGS = st.text(min_size=1, max_size=200).filter(lambda t: "\x00" not in t)
+
+
+def reference(items) -> bytes:
+    return summary_pb2.Summary(value=to_values(items)).SerializeToString()
+
+
+def test_a_block_encodes_as_protobuf_does_at_the_edges_of_float32() -> None:
+    tags = ScalarTags([f"t{i}" for i in range(len(EDGES))])
+    block = ScalarBlock(tags, np.array(EDGES))
+    assert summary_bytes([block]) == reference([ScalarItem(f"t{i}", v) for i, v in enumerate(EDGES)])
+
+
+@given(
+    st.lists(st.tuples(TAGS, st.floats(allow_nan=False)), min_size=1, max_size=40, unique_by=lambda x: x[0])
+)
+@settings(max_examples=200, deadline=None)
+def test_blocks_with_any_tags_are_the_bytes_of_their_items(pairs) -> None:
+    tags = [t for t, _ in pairs]
+    values = np.array([v for _, v in pairs], dtype=np.float64)
+    block = ScalarBlock(ScalarTags(tags), values)
+    assert summary_bytes([block]) == reference(block.items())
+    parsed = summary_pb2.Summary.FromString(summary_bytes([block]))
+    assert [v.tag for v in parsed.value] == tags
+    with np.errstate(over="ignore"):
+        assert np.array_equal([v.simple_value for v in parsed.value], values.astype(np.float32))
+
+
+def test_blocks_and_other_items_keep_their_order_in_one_event() -> None:
+    histogram = HistogramItem("h", Histogram.from_values(np.arange(10.0), tag="h"))
+    a = ScalarBlock(ScalarTags(["a", "b"]), np.array([1.0, 2.0]))
+    c = ScalarBlock(ScalarTags(["c"]), np.array([3.0]))
+    items = [ScalarItem("x", 0.5), a, histogram, c, TextItem("t", "hi")]
+    flat = [ScalarItem("x", 0.5), *a.items(), histogram, *c.items(), TextItem("t", "hi")]
+    assert summary_bytes(items) == reference(flat)
+    event = event_pb2.Event.FromString(event_bytes(7, 1234.5, items))
+    expected = event_pb2.Event(wall_time=1234.5, step=7)
+    expected.summary.value.extend(to_values(flat))
+    assert event == expected
+    assert event_bytes(7, 1234.5, items) == expected.SerializeToString()
