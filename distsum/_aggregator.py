@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import NamedTuple
 
 import numpy as np
 import zmq
@@ -33,7 +34,16 @@ from distsum._process import alive
 from distsum._proto import event_pb2, journal_pb2, wire_pb2
 from distsum._security import ServerKeys, is_local
 from distsum._summaries import Item, ScalarBlock, ScalarItem, event_bytes
-from distsum._wire import MAX_MESSAGE_BYTES, WireError, decode_batch, encode_ack, histogram_of
+from distsum._wire import (
+    MAX_MESSAGE_BYTES,
+    WireError,
+    check_records,
+    decode_batch,
+    decode_series_table,
+    encode_ack,
+    histogram_of,
+    scalar_columns,
+)
 
 __all__ = ["Aggregator", "AggregatorOptions"]
 
@@ -99,6 +109,15 @@ class _Stream:
     earlier: Progress | None = None
 
 
+class _Table(NamedTuple):
+    ids: np.ndarray
+    kinds: np.ndarray
+
+
+# Series tables remembered per run; beyond this many the memory starts over.
+_MAX_TABLES = 1024
+
+
 @dataclass
 class _Run:
     merger: RunMerger
@@ -116,6 +135,8 @@ class _Run:
     # (run path, tag) -> the last step an earlier aggregator wrote there: ranks resend what was
     # not acknowledged as durable when it died, and none of it may be written twice.
     recovered: dict[tuple[str, str], int] = field(default_factory=dict)
+    # The series tables of the run's batches seen so far: run-wide ids and kinds, by index.
+    tables: dict[bytes, _Table] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -254,6 +275,12 @@ class Aggregator:
         if run is None:
             self._malformed("run not served here", identity, f"run {origin.run!r}")
             return
+        try:
+            table = run.tables.get(batch.series_table) or self._table(run, batch.series_table)
+            check_records(batch, table.kinds)
+        except WireError as e:
+            self._malformed(e.cause, identity, str(e))
+            return
         if stream is None:
             # Batches below resend_from are written already (by an earlier aggregator, if this
             # one restarted); the stream goes on from there.
@@ -291,7 +318,7 @@ class Aggregator:
         if batch.seq != stream.received + 1:
             return  # a gap: the rank resends from its first unacknowledged batch
         try:
-            self._add(run.merger, origin.rank, batch, stream)
+            self._add(run.merger, origin.rank, batch, stream, table.ids)
         except (ValueError, TypeError) as e:
             # Acknowledged all the same: sending it again would not make it valid.
             self._malformed("bad records", identity, str(e))
@@ -332,10 +359,25 @@ class Aggregator:
             run.merger.set_world_size(world_size)
         return run
 
-    def _add(self, merger: RunMerger, rank: int, batch: wire_pb2.Batch, stream: _Stream) -> None:
+    def _table(self, run: _Run, data: bytes) -> _Table:
+        """A series table not seen before in the run: checked, and mapped to the run's series."""
+        specs = decode_series_table(data)
+        try:
+            ids = [run.merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in specs]
+        except ValueError as e:
+            raise WireError("bad series", str(e)) from None
+        if len(run.tables) >= _MAX_TABLES:
+            run.tables.clear()
+        table = run.tables[data] = _Table(
+            np.array(ids, dtype=np.intp), np.array([s.kind for s in specs], dtype=np.int64)
+        )
+        return table
+
+    def _add(
+        self, merger: RunMerger, rank: int, batch: wire_pb2.Batch, stream: _Stream, ids: np.ndarray
+    ) -> None:
         """Hand one batch's records to the merger: all of them, or (on a ValueError) none."""
         histograms = [histogram_of(h) for h in batch.histograms]
-        ids = [merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in batch.series]
         # A batch an earlier aggregator merged before it died: its records go where they went then.
         earlier = stream.earlier
         fate = None
@@ -343,24 +385,20 @@ class Aggregator:
             fate = earlier.late.get(batch.seq) or journal_pb2.LateRecords()
         late = journal_pb2.LateRecords()
         steps: set[int] = set()
-        if batch.scalar_series:
-            series = np.asarray(ids, dtype=np.int64)[np.asarray(batch.scalar_series, dtype=np.int64)]
-            step_array = np.asarray(batch.scalar_step, dtype=np.int64)
+        scalars = scalar_columns(batch)
+        if scalars.series.size:
+            series = ids[scalars.series]
             replay = None
             if fate is not None:
                 replay = np.full(series.size, REPLAY_MERGED, dtype=np.int8)
                 replay[[i for i in fate.scalars if i < series.size]] = REPLAY_LATE
             went_late = merger.add_scalars(
-                rank,
-                series,
-                step_array,
-                np.asarray(batch.scalar_value, dtype=np.float64),
-                np.asarray(batch.scalar_wall_time, dtype=np.float64),
-                replay,
+                rank, series, scalars.steps, scalars.values, scalars.wall_times, replay
             )
             if went_late is not None:
                 late.scalars.extend(went_late.tolist())
-            steps.update(np.unique(step_array).tolist())
+            lo, hi = int(scalars.steps.min()), int(scalars.steps.max())
+            steps.update((lo,) if lo == hi else np.unique(scalars.steps).tolist())
 
         histogram_replay = _replay_flags(fate, "histograms", len(histograms))
         for i, (h, histogram) in enumerate(zip(batch.histograms, histograms, strict=True)):
@@ -390,7 +428,7 @@ class Aggregator:
         if steps:
             run.highest_step = max(run.highest_step, max(steps))
         self.records += (
-            len(batch.scalar_step)
+            scalars.series.size
             + len(batch.histograms)
             + len(batch.images)
             + len(batch.texts)

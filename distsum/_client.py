@@ -28,7 +28,14 @@ from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
 from distsum._security import ClientKeys
 from distsum._spool import Retained, remove_orphans
-from distsum._wire import WireError, add_histogram, decode_ack, encode_batch
+from distsum._wire import (
+    WireError,
+    add_histogram,
+    decode_ack,
+    encode_batch,
+    encode_series_table,
+    set_scalar_columns,
+)
 
 __all__ = ["Client", "ClientOptions"]
 
@@ -280,8 +287,6 @@ class Client:
             index = series.get(key)
             if index is None:
                 index = series[key] = len(series)
-                kind, subrun, tag, reduce, max_outputs = key
-                batch.series.add(subrun=subrun, tag=tag, kind=kind, reduce=reduce, max_outputs=max_outputs)
             kind = key[0]
             if kind == SCALAR:
                 scalar_series.append(index)
@@ -305,10 +310,10 @@ class Client:
                     )
             else:
                 batch.texts.add(series=index, step=step, wall_time=wall, text=payload)
-        batch.scalar_series.extend(scalar_series)
-        batch.scalar_step.extend(scalar_step)
-        batch.scalar_value.extend(scalar_value)
-        batch.scalar_wall_time.extend(scalar_time)
+        batch.series_table = encode_series_table(
+            (subrun, tag, kind, reduce, max_outputs) for kind, subrun, tag, reduce, max_outputs in series
+        )
+        set_scalar_columns(batch, scalar_series, scalar_step, scalar_value, scalar_time)
         batch.flush = bool(markers)
         batch.finish = any(m.finish for m in markers)
         first = self._unacked.first()

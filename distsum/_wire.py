@@ -8,6 +8,8 @@ it is where everything that arrives from the network is checked before anything 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,17 +20,23 @@ from distsum._proto import event_pb2, wire_pb2
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
+    "ScalarColumns",
     "WireError",
     "add_histogram",
+    "check_records",
     "check_run_name",
     "decode_ack",
     "decode_batch",
+    "decode_series_table",
     "encode_ack",
     "encode_batch",
+    "encode_series_table",
     "histogram_of",
+    "scalar_columns",
+    "set_scalar_columns",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # The aggregator refuses larger frames (ZMQ_MAXMSGSIZE); clients split batches well below it.
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_RANK = (1 << 24) - 1
@@ -93,8 +101,61 @@ def decode_ack(frame: bytes) -> wire_pb2.Ack:
     return envelope.ack
 
 
+class ScalarColumns(NamedTuple):
+    """A batch's scalar records as arrays (read-only views of the message's bytes)."""
+
+    series: np.ndarray  # uint32
+    steps: np.ndarray  # int64
+    values: np.ndarray  # float64
+    wall_times: np.ndarray  # float64
+
+
+_COLUMNS = (
+    ("scalar_series", np.dtype("<u4")),
+    ("scalar_steps", np.dtype("<i8")),
+    ("scalar_values", np.dtype("<f8")),
+    ("scalar_wall_times", np.dtype("<f8")),
+)
+
+
+def set_scalar_columns(
+    batch: wire_pb2.Batch, series: np.ndarray, steps: np.ndarray, values: np.ndarray, wall_times: np.ndarray
+) -> None:
+    """Put scalar records, given as columns of one length, into ``batch``."""
+    for (name, dtype), column in zip(_COLUMNS, (series, steps, values, wall_times), strict=True):
+        setattr(batch, name, np.asarray(column, dtype=dtype).tobytes())
+
+
+def scalar_columns(batch: wire_pb2.Batch) -> ScalarColumns:
+    """The scalar records of a batch that ``decode_batch`` (or this process) made."""
+    return ScalarColumns(*(np.frombuffer(getattr(batch, name), dtype=dtype) for name, dtype in _COLUMNS))
+
+
+def encode_series_table(series: Iterable[tuple[str, str, int, Iterable[int], int]]) -> bytes:
+    """A batch's ``series_table`` from (subrun, tag, kind, reduce, max_outputs) tuples."""
+    table = wire_pb2.SeriesTable()
+    for subrun, tag, kind, reduce, max_outputs in series:
+        table.series.add(subrun=subrun, tag=tag, kind=kind, reduce=reduce, max_outputs=max_outputs)
+    return table.SerializeToString()
+
+
+def decode_series_table(data: bytes) -> list[wire_pb2.Series]:
+    """Parse and check a batch's ``series_table``; raise WireError for anything malformed."""
+    try:
+        table = wire_pb2.SeriesTable.FromString(data)
+    except Exception as e:  # DecodeError and friends
+        raise WireError("bad series", str(e) or type(e).__name__) from None
+    for spec in table.series:
+        _check_series(spec)
+    return list(table.series)
+
+
 def decode_batch(frame: bytes) -> wire_pb2.Batch:
-    """Parse and check one batch from the network; raise WireError for anything malformed."""
+    """Parse and check one batch from the network; raise WireError for anything malformed.
+
+    The series table is checked apart (``decode_series_table``), and the records against it
+    (``check_records``), so that a table seen before need not be checked again.
+    """
     envelope = _envelope(frame)
     if envelope.WhichOneof("body") != "batch":
         raise WireError("not a batch", str(envelope.WhichOneof("body")))
@@ -110,24 +171,14 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
         raise WireError("bad rank", f"rank {origin.rank} of {origin.world_size}")
     if batch.seq < 1:
         raise WireError("bad sequence number", str(batch.seq))
-    for spec in batch.series:
-        _check_series(spec)
-    n = len(batch.scalar_series)
-    if not len(batch.scalar_step) == len(batch.scalar_value) == len(batch.scalar_wall_time) == n:
+    lengths = {len(getattr(batch, name)) / dtype.itemsize for name, dtype in _COLUMNS}
+    if len(lengths) != 1 or not float(lengths.pop()).is_integer():
         raise WireError("bad scalars", "columns of different lengths")
-    nseries = len(batch.series)
-    kinds = [spec.kind for spec in batch.series]
-    if n and (max(batch.scalar_series) >= nseries or min(batch.scalar_step) < 0):
-        raise WireError("bad scalars", "series index out of range or negative step")
-    if any(kinds[i] != wire_pb2.SCALAR for i in set(batch.scalar_series)):
-        raise WireError("bad scalars", "series of another kind")
-    for records, kind in (
-        (batch.histograms, wire_pb2.HISTOGRAM),
-        (batch.images, wire_pb2.IMAGES),
-        (batch.texts, wire_pb2.TEXT),
-    ):
+    if batch.scalar_steps and int(np.frombuffer(batch.scalar_steps, dtype="<i8").min()) < 0:
+        raise WireError("bad scalars", "negative step")
+    for records in (batch.histograms, batch.images, batch.texts):
         for record in records:
-            if record.series >= nseries or kinds[record.series] != kind or record.step < 0:
+            if record.step < 0:
                 raise WireError("bad record", f"series {record.series}, step {record.step}")
     for images in batch.images:
         if not 0 < len(images.image) <= MAX_IMAGES:
@@ -144,6 +195,24 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
         if event.WhichOneof("what") in (None, "file_version") or not math.isfinite(event.wall_time):
             raise WireError("bad raw event", f"{event.WhichOneof('what')} at wall time {event.wall_time}")
     return batch
+
+
+def check_records(batch: wire_pb2.Batch, kinds: np.ndarray) -> None:
+    """Check that a batch's records name series of its table, of their kind (``kinds``, by index)."""
+    if batch.scalar_series:
+        series = np.frombuffer(batch.scalar_series, dtype="<u4")
+        if int(series.max()) >= kinds.size:
+            raise WireError("bad scalars", "series index out of range")
+        if not np.all(kinds[series] == wire_pb2.SCALAR):
+            raise WireError("bad scalars", "series of another kind")
+    for records, kind in (
+        (batch.histograms, wire_pb2.HISTOGRAM),
+        (batch.images, wire_pb2.IMAGES),
+        (batch.texts, wire_pb2.TEXT),
+    ):
+        for record in records:
+            if record.series >= kinds.size or kinds[record.series] != kind:
+                raise WireError("bad record", f"series {record.series}, step {record.step}")
 
 
 def _check_series(spec: wire_pb2.Series) -> None:
