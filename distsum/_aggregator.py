@@ -29,7 +29,7 @@ from distsum._errors import DistsumError
 from distsum._eventfile import EventFile, is_event_file, read_records
 from distsum._image import EncodedImage
 from distsum._journal import Journal, Progress
-from distsum._merge import REPLAY_LATE, REPLAY_MERGED, MergedStep, RunMerger
+from distsum._merge import REPLAY_LATE, REPLAY_MERGED, MergedStep, RunMerger, distinct_steps
 from distsum._process import alive
 from distsum._proto import event_pb2, journal_pb2, wire_pb2
 from distsum._security import ServerKeys, is_local
@@ -398,7 +398,7 @@ class Aggregator:
             if went_late is not None:
                 late.scalars.extend(went_late.tolist())
             lo, hi = int(scalars.steps.min()), int(scalars.steps.max())
-            steps.update((lo,) if lo == hi else np.unique(scalars.steps).tolist())
+            steps.update((lo,) if lo == hi else distinct_steps(scalars.steps)[0].tolist())
 
         histogram_replay = _replay_flags(fate, "histograms", len(histograms))
         for i, (h, histogram) in enumerate(zip(batch.histograms, histograms, strict=True)):

@@ -102,6 +102,7 @@ __all__ = [
     "MergedStep",
     "RunMerger",
     "SeriesSpec",
+    "distinct_steps",
 ]
 
 # What a held histogram, image list or text counts for against max_open_values, on top of its
@@ -215,7 +216,12 @@ class _Series:
 
 
 class _Chunk(NamedTuple):
-    """Scalar records of one or more batches, in arrival order, all with steps in [lo, hi]."""
+    """Scalar records of one or more batches, all with steps in [lo, hi].
+
+    In arrival order, or, if ``ordered``, sorted by step with arrival order kept among equal
+    steps (what "the rank's last value wins" needs); an ordered chunk splits at a step without
+    copying.
+    """
 
     ranks: np.ndarray
     series: np.ndarray
@@ -224,32 +230,178 @@ class _Chunk(NamedTuple):
     walls: np.ndarray
     lo: int
     hi: int
+    ordered: bool
 
-    def where(self, mask: np.ndarray) -> _Chunk:
-        steps = self.steps[mask]
-        return _Chunk(
-            self.ranks[mask],
-            self.series[mask],
-            steps,
-            self.values[mask],
-            self.walls[mask],
-            int(steps.min()),
-            int(steps.max()),
-        )
+    def split(self, last: int) -> tuple[_Chunk, _Chunk]:
+        """The records with steps <= ``last``, and the others (``lo <= last < hi``)."""
+        if self.ordered:
+            i = int(np.searchsorted(self.steps, last, side="right"))
+            parts = (slice(None, i), slice(i, None))
+        else:
+            mask = self.steps <= last
+            parts = (mask, ~mask)
+        out = []
+        for part in parts:
+            steps = self.steps[part]
+            out.append(
+                _Chunk(
+                    self.ranks[part],
+                    self.series[part],
+                    steps,
+                    self.values[part],
+                    self.walls[part],
+                    int(_min(steps)),
+                    int(_max(steps)),
+                    self.ordered,
+                )
+            )
+        return out[0], out[1]
 
 
-def _concat(chunks: list[_Chunk]) -> _Chunk:
-    if len(chunks) == 1:
+def _concat(chunks: list[_Chunk], *, ordered: bool = False) -> _Chunk:
+    """One chunk of ``chunks`` in their order; sorted by step if ``ordered``."""
+    if len(chunks) == 1 and (chunks[0].ordered or not ordered):
         return chunks[0]
-    return _Chunk(
-        np.concatenate([c.ranks for c in chunks]),
-        np.concatenate([c.series for c in chunks]),
-        np.concatenate([c.steps for c in chunks]),
-        np.concatenate([c.values for c in chunks]),
-        np.concatenate([c.walls for c in chunks]),
-        min(c.lo for c in chunks),
-        max(c.hi for c in chunks),
+    columns = [np.concatenate(column) for column in zip(*(c[:5] for c in chunks), strict=True)]
+    if ordered:
+        order = np.argsort(columns[2], kind="stable")
+        columns = [column[order] for column in columns]
+    lo, hi = min(c.lo for c in chunks), max(c.hi for c in chunks)
+    return _Chunk(*columns, lo, hi, ordered)
+
+
+def distinct_steps(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct steps, ascending, and how many times each occurs.
+
+    A batch's steps usually come in order, and then no sort is needed.
+    """
+    if steps.size and bool(np.all(steps[1:] >= steps[:-1])):
+        starts = np.flatnonzero(np.concatenate(([True], steps[1:] != steps[:-1])))
+        return steps[starts], np.diff(np.append(starts, steps.size))
+    return np.unique(steps, return_counts=True)
+
+
+def _index_steps(steps: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct steps of ``steps`` (all in [lo, hi]), ascending, and each one's position."""
+    if hi - lo < 4 * steps.size + (1 << 16):
+        present = np.zeros(hi - lo + 1, dtype=bool)
+        present[steps - lo] = True
+        position = np.cumsum(present) - 1
+        return np.flatnonzero(present) + lo, position[steps - lo]
+    return np.unique(steps, return_inverse=True)
+
+
+class _Groups(NamedTuple):
+    """Held scalars grouped by (series, step), in that order, and reduced over ranks."""
+
+    series: np.ndarray
+    steps: np.ndarray
+    reductions: dict[int, np.ndarray]  # op -> one value per group, for the ops asked for
+    walls: np.ndarray  # the latest wall time per group
+    records: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # ranks, series, steps, values
+
+
+def _dense_groups(
+    ranks: np.ndarray,
+    series: np.ndarray,
+    steps: np.ndarray,
+    values: np.ndarray,
+    walls: np.ndarray,
+    lo: int,
+    hi: int,
+    n_series: int,
+    need: int,
+) -> _Groups | None:
+    """Group by counting into a (series, step) table, no sort; None when that table would be
+    much larger than the records, or when a rank logged a (series, step) twice."""
+    span = hi - lo + 1
+    slots = n_series * span
+    n_ranks = int(_max(ranks)) + 1
+    if slots * n_ranks > 4 * series.size + (1 << 16):
+        return None
+    key = series * span + (steps - lo)
+    if int(_max(np.bincount(key * n_ranks + ranks, minlength=slots * n_ranks))) > 1:
+        return None  # the sort keeps each rank's last value
+    counts = np.bincount(key, minlength=slots)
+    present = np.flatnonzero(counts)
+    reductions: dict[int, np.ndarray] = {}
+    with np.errstate(all="ignore"):
+        if need & (_BIT[wire_pb2.MEAN] | _BIT[wire_pb2.SUM]):
+            sums = np.bincount(key, weights=values, minlength=slots)[present]
+            reductions[wire_pb2.SUM] = sums
+            reductions[wire_pb2.MEAN] = sums / counts[present]
+        for op, ufunc, start in ((wire_pb2.MIN, np.minimum, np.inf), (wire_pb2.MAX, np.maximum, -np.inf)):
+            if need & _BIT[op]:
+                table = np.full(slots, start)
+                ufunc.at(table, key, values)
+                reductions[op] = table[present]
+    latest = np.full(slots, -np.inf)
+    np.maximum.at(latest, key, walls)
+    return _Groups(
+        present // span, present % span + lo, reductions, latest[present], (ranks, series, steps, values)
     )
+
+
+def _sorted_groups(
+    ranks: np.ndarray,
+    series: np.ndarray,
+    steps: np.ndarray,
+    values: np.ndarray,
+    walls: np.ndarray,
+    lo: int,
+    hi: int,
+    n_series: int,
+    need: int,
+) -> _Groups:
+    """Group by sorting on (series, step, rank); a rank that logged a (series, step) twice counts
+    with the last value it logged."""
+    m = series.size
+    # Stable, so each rank's records stay in arrival order. One int64 key sorts faster than
+    # lexsort's three passes when the ranges allow it.
+    n_ranks = int(_max(ranks)) + 1
+    span = hi - lo + 1
+    last_of_rank = np.empty(m, dtype=bool)
+    if n_series * span * n_ranks < 2**62:
+        group_key = series * span + (steps - lo)
+        key = group_key * n_ranks + ranks
+        order = np.argsort(key, kind="stable")
+        key, group_key = key[order], group_key[order]
+        np.not_equal(key[1:], key[:-1], out=last_of_rank[:-1])
+    else:
+        order = np.lexsort((ranks, steps, series))
+        s, t, r = series[order], steps[order], ranks[order]
+        np.not_equal(s[1:], s[:-1], out=last_of_rank[:-1])
+        last_of_rank[:-1] |= t[1:] != t[:-1]
+        last_of_rank[:-1] |= r[1:] != r[:-1]
+        group_key = None
+    last_of_rank[-1] = True
+    if not last_of_rank.all():
+        order = order[last_of_rank]
+        if group_key is not None:
+            group_key = group_key[last_of_rank]
+    ranks, series, steps = ranks[order], series[order], steps[order]
+    values, walls = values[order], walls[order]
+    m = series.size
+    new_group = np.empty(m, dtype=bool)
+    new_group[0] = True
+    if group_key is not None:
+        np.not_equal(group_key[1:], group_key[:-1], out=new_group[1:])
+    else:
+        np.not_equal(series[1:], series[:-1], out=new_group[1:])
+        new_group[1:] |= steps[1:] != steps[:-1]
+    starts = np.flatnonzero(new_group)
+    reductions: dict[int, np.ndarray] = {}
+    with np.errstate(all="ignore"):
+        if need & (_BIT[wire_pb2.MEAN] | _BIT[wire_pb2.SUM]):
+            sums = np.add.reduceat(values, starts)
+            reductions[wire_pb2.SUM] = sums
+            reductions[wire_pb2.MEAN] = sums / np.diff(np.append(starts, m))
+        if need & _BIT[wire_pb2.MIN]:
+            reductions[wire_pb2.MIN] = np.minimum.reduceat(values, starts)
+        if need & _BIT[wire_pb2.MAX]:
+            reductions[wire_pb2.MAX] = np.maximum.reduceat(values, starts)
+    group_walls = np.maximum.reduceat(walls, starts)
+    return _Groups(series[starts], steps[starts], reductions, group_walls, (ranks, series, steps, values))
 
 
 class _Blob(NamedTuple):
@@ -621,14 +773,18 @@ class RunMerger:
             return late
         if n != len(behind) or index is not None:
             lo, hi = int(_min(steps)), int(_max(steps))
-        self._chunks.append(_Chunk(self._rank_column(rank, n), series, steps, values, wall_times, lo, hi))
+        # A batch's records usually come step by step, so most chunks are ordered as they are.
+        ordered = lo == hi or bool(np.all(steps[1:] >= steps[:-1]))
+        self._chunks.append(
+            _Chunk(self._rank_column(rank, n), series, steps, values, wall_times, lo, hi, ordered)
+        )
         if len(self._chunks) - self._consolidated >= _CONSOLIDATE_AFTER:
-            self._chunks[self._consolidated :] = [_concat(self._chunks[self._consolidated :])]
+            self._chunks[self._consolidated :] = [_concat(self._chunks[self._consolidated :], ordered=True)]
             self._consolidated = len(self._chunks)
         if lo == hi:
             self._hold(lo, n, now)
         else:
-            unique, counts = np.unique(steps, return_counts=True)
+            unique, counts = distinct_steps(steps)
             for step, count in zip(unique.tolist(), counts.tolist(), strict=True):
                 self._hold(step, count, now)
         return late
@@ -667,7 +823,7 @@ class RunMerger:
             self._late += int(series.size)
             ranks = self._rank_column(rank, series.size)
             self._late_chunks.append(
-                _Chunk(ranks, series, steps, values, walls, int(steps.min()), int(steps.max()))
+                _Chunk(ranks, series, steps, values, walls, int(steps.min()), int(steps.max()), False)
             )
 
     def _written_late(self, sid: int, rank: int) -> int:
@@ -860,85 +1016,36 @@ class RunMerger:
             elif chunk.hi <= last:
                 take.append(chunk)
             else:
-                mask = chunk.steps <= last
-                take.append(chunk.where(mask))
-                keep.append(chunk.where(~mask))
+                head, tail = chunk.split(last)
+                take.append(head)
+                keep.append(tail)
         self._chunks = keep
         self._consolidated = len(keep)
         if not take:
             return
-        ranks, series, steps, values, walls, lo, hi = _concat(take)
-        m = series.size
+        ranks, series, steps, values, walls, lo, hi, _ = _concat(take)
+        # Non-finite wall times (refused upstream, normally) take no part in a step's wall time.
+        walls = np.where(np.isfinite(walls), walls, -np.inf)
+        need = int(np.bitwise_or.reduce(self._opbits[series]))
+        groups = _dense_groups(ranks, series, steps, values, walls, lo, hi, len(self._series), need)
+        if groups is None:
+            groups = _sorted_groups(ranks, series, steps, values, walls, lo, hi, len(self._series), need)
+        group_series, group_steps, reductions, group_walls, (ranks, series, steps, values) = groups
 
-        # Sort by (series, step, rank), stably so each rank's records stay in arrival order. One
-        # int64 key sorts faster than lexsort's three passes when the ranges allow it.
-        n_ranks = int(ranks.max()) + 1
-        span = hi - lo + 1
-        if len(self._series) * span * n_ranks < 2**62:
-            group_key = series * span + (steps - lo)
-            key = group_key * n_ranks + ranks
-            order = np.argsort(key, kind="stable")
-            key, group_key = key[order], group_key[order]
-            last_of_rank = np.empty(m, dtype=bool)
-            np.not_equal(key[1:], key[:-1], out=last_of_rank[:-1])
-        else:
-            order = np.lexsort((ranks, steps, series))
-            s, t, r = series[order], steps[order], ranks[order]
-            last_of_rank = np.empty(m, dtype=bool)
-            np.not_equal(s[1:], s[:-1], out=last_of_rank[:-1])
-            last_of_rank[:-1] |= t[1:] != t[:-1]
-            last_of_rank[:-1] |= r[1:] != r[:-1]
-            group_key = None
-        last_of_rank[-1] = True
-        if not last_of_rank.all():  # a rank logged a (series, step) twice: its last value wins
-            order = order[last_of_rank]
-            if group_key is not None:
-                group_key = group_key[last_of_rank]
-        ranks, series, steps = ranks[order], series[order], steps[order]
-        values, walls = values[order], walls[order]
-        m = series.size
-
-        new_group = np.empty(m, dtype=bool)
-        new_group[0] = True
-        if group_key is not None:
-            np.not_equal(group_key[1:], group_key[:-1], out=new_group[1:])
-        else:
-            np.not_equal(series[1:], series[:-1], out=new_group[1:])
-            new_group[1:] |= steps[1:] != steps[:-1]
-        starts = np.flatnonzero(new_group)
-        group_series = series[starts]
-        group_steps = steps[starts]
-
-        # The last step written per series: the last record of each series' run in the order.
-        ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))
-        self._last[series[ends]] = np.maximum(self._last[series[ends]], steps[ends])
+        # The last step written per series.
+        np.maximum.at(self._last, group_series, group_steps)
 
         group_opbits = self._opbits[group_series]
-        need = int(np.bitwise_or.reduce(group_opbits))
         # One output row per (group, reduction the series writes to its sub-run).
         rows, codes, outs = [], [], []
-        with np.errstate(all="ignore"):
-            summed = need & (_BIT[wire_pb2.MEAN] | _BIT[wire_pb2.SUM])
-            sums = np.add.reduceat(values, starts) if summed else None
-            for op in _OPS:
-                if not need & _BIT[op]:
-                    continue
-                if op == wire_pb2.SUM:
-                    reduced = sums
-                elif op == wire_pb2.MEAN:
-                    reduced = sums / np.diff(np.append(starts, m))
-                elif op == wire_pb2.MIN:
-                    reduced = np.minimum.reduceat(values, starts)
-                else:
-                    reduced = np.maximum.reduceat(values, starts)
-                chosen = np.flatnonzero(group_opbits & _BIT[op])
-                rows.append(chosen)
-                codes.append(group_series[chosen] * _CODES + op)
-                outs.append(reduced[chosen])
-        # Non-finite wall times (refused upstream, normally) take no part in a step's wall time.
-        finite_walls = np.where(np.isfinite(walls), walls, -np.inf)
-        group_walls = np.maximum.reduceat(finite_walls, starts)
-        out_steps, step_of_group = np.unique(group_steps, return_inverse=True)
+        for op, reduced in reductions.items():
+            chosen = np.flatnonzero(group_opbits & _BIT[op])
+            if not chosen.size:
+                continue
+            rows.append(chosen)
+            codes.append(group_series[chosen] * _CODES + op)
+            outs.append(reduced[chosen])
+        out_steps, step_of_group = _index_steps(group_steps, lo, hi)
         step_walls = np.full(out_steps.size, -np.inf)
         np.maximum.at(step_walls, step_of_group, group_walls)
         for step, wall in zip(out_steps.tolist(), step_walls.tolist(), strict=True):
@@ -1027,7 +1134,7 @@ class RunMerger:
                 self._last[sid] = step
 
     def _emit_late_scalars(self, out: dict[int, MergedStep]) -> None:
-        ranks, series, steps, values, walls, _, _ = _concat(self._late_chunks)
+        ranks, series, steps, values, walls, _, _, _ = _concat(self._late_chunks)
         self._late_chunks = []
         # Sorted by (series, rank, step), arrival order kept within; the rank's last value wins.
         order = np.lexsort((steps, ranks, series))

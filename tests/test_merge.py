@@ -18,7 +18,17 @@ from hypothesis import strategies as st
 
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage
-from distsum._merge import BLOB_WEIGHT, REPLAY_LATE, REPLAY_MERGED, MergedStep, RunMerger
+from distsum._merge import (
+    BLOB_WEIGHT,
+    REPLAY_LATE,
+    REPLAY_MERGED,
+    MergedStep,
+    RunMerger,
+    _dense_groups,
+    _index_steps,
+    _sorted_groups,
+    distinct_steps,
+)
 from distsum._proto.wire_pb2 import (
     HISTOGRAM,
     IMAGES,
@@ -83,7 +93,7 @@ def flatten(merged: Sequence[MergedStep]) -> dict[tuple[str, str], dict[int, Any
     out: dict[tuple[str, str], dict[int, Any]] = defaultdict(dict)
     for step in merged:
         for run, items in step.outputs.items():
-            for item in (one for item in items for one in expand(item)):
+            for item in (one for each in items for one in expand(each)):
                 assert step.step not in out[run, item.tag], (run, item.tag, step.step)
                 out[run, item.tag][step.step] = payload(item)
     return dict(out)
@@ -535,6 +545,61 @@ def test_replayed_records_are_dropped_where_the_dead_aggregator_wrote_them() -> 
     assert flatten(m.take_ready()) == {("", "h"): {6: hist}, ("late/rank_1", "h"): {4: hist}}
     stats = m.stats()
     assert (stats.replayed, stats.late, stats.late_dropped) == (7, 2, 0)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5),
+            st.integers(0, 7),
+            st.integers(0, 12),
+            st.sampled_from([0.0, 1.0, -2.0, 3.0, 1e300, math.inf, -math.inf, math.nan]),
+        ),
+        min_size=1,
+        max_size=120,
+        unique_by=lambda r: r[:3],
+    ),
+    st.integers(0, 10**6),
+)
+@settings(max_examples=200, deadline=None)
+def test_grouping_by_counting_equals_grouping_by_sorting(records, lo) -> None:
+    ranks, series, steps, values = (np.array(c) for c in zip(*records, strict=True))
+    steps = steps.astype(np.int64) + lo
+    walls = np.arange(len(records), dtype=np.float64)
+    need = (1 << MEAN) | (1 << SUM) | (1 << MIN) | (1 << MAX)
+    args = (
+        ranks,
+        series,
+        steps,
+        values.astype(np.float64),
+        walls,
+        int(steps.min()),
+        int(steps.max()),
+        8,
+        need,
+    )
+    dense = _dense_groups(*args)
+    assert dense is not None
+    ordered = _sorted_groups(*args)
+    assert np.array_equal(dense.series, ordered.series) and np.array_equal(dense.steps, ordered.steps)
+    assert np.array_equal(dense.walls, ordered.walls)
+    assert dense.reductions.keys() == ordered.reductions.keys()
+    for op in dense.reductions:
+        # Sums of these values are exact in any order, save for inf and nan.
+        assert np.array_equal(dense.reductions[op], ordered.reductions[op], equal_nan=True), op
+
+
+@given(st.lists(st.integers(0, 2**40), max_size=50), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_distinct_steps_and_their_positions_equal_numpys(steps, ordered) -> None:
+    array = np.array(sorted(steps) if ordered else steps, dtype=np.int64)
+    expected = np.unique(array, return_counts=True, return_inverse=True)
+    got = distinct_steps(array)
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[2])
+    if array.size:
+        for lo in (int(array.min()), int(array.min()) - 5):
+            got = _index_steps(array, lo, int(array.max()))
+            assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
 
 
 # --- histograms, images, text --------------------------------------------------------------------

@@ -81,7 +81,7 @@ def encode_batches(
 ) -> tuple[list[bytes], int]:
     """One simulated rank's batches, as its client would encode them; and the values they hold."""
     from distsum._proto import wire_pb2
-    from distsum._wire import encode_batch
+    from distsum._wire import encode_batch, encode_series_table, set_scalar_columns
 
     origin = wire_pb2.Origin(
         run=RUN,
@@ -91,26 +91,22 @@ def encode_batches(
         pid=os.getpid(),
         host=socket.gethostname(),
     )
-    series = [
-        wire_pb2.Series(subrun="", tag=f"metric/{j:04d}", kind=wire_pb2.SCALAR, reduce=[wire_pb2.MEAN])
-        for j in range(tags)
-    ]
+    table = encode_series_table(
+        ("", f"metric/{j:04d}", wire_pb2.SCALAR, (wire_pb2.MEAN,), 0) for j in range(tags)
+    )
     tag_index = np.arange(tags, dtype=np.int64)
     out = []
     values = 0
     now = time.time()
     for seq, first in enumerate(range(1, steps + 1, steps_per_batch), start=1):
         step_range = np.arange(first, min(first + steps_per_batch, steps + 1), dtype=np.int64)
-        batch = wire_pb2.Batch(seq=seq)
+        batch = wire_pb2.Batch(seq=seq, series_table=table)
         batch.origin.CopyFrom(origin)
-        batch.series.extend(series)
-        batch.scalar_series.extend(np.tile(tag_index, step_range.size).tolist())
         step_column = np.repeat(step_range, tags)
-        batch.scalar_step.extend(step_column.tolist())
         # Mean over ranks is known in closed form: step/2 + tag + (world-1)/2.
         value_column = step_column * 0.5 + np.tile(tag_index, step_range.size) + rank
-        batch.scalar_value.extend(value_column.tolist())
-        batch.scalar_wall_time.extend([now] * step_column.size)
+        walls = np.full(step_column.size, now)
+        set_scalar_columns(batch, np.tile(tag_index, step_range.size), step_column, value_column, walls)
         if first + steps_per_batch > steps:
             batch.flush = batch.finish = True
         out.append(encode_batch(batch))
