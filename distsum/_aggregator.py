@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from distsum._errors import DistsumError
 from distsum._eventfile import EventFile, is_event_file, read_records
@@ -155,6 +156,7 @@ class Aggregator:
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._auth = None
+        self._monitor: zmq.Socket[bytes] | None = None
         if options.keys is not None:
             self._auth = options.keys.apply(self._context, self._socket)
         elif not is_local(options.bind) and not options.insecure:
@@ -171,6 +173,9 @@ class Aggregator:
             self._close_socket()
             raise OSError(f"cannot listen on {options.bind}: {e}") from None
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Connections open now, from the socket's monitor: the way to tell that ranks hung up.
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._peers = 0
         self._runs: dict[str, _Run] = {}
         self._streams: dict[tuple[str, int, int], _Stream] = {}
         self._stop = threading.Event()
@@ -195,6 +200,9 @@ class Aggregator:
         self._rate = 0.0
 
     def _close_socket(self) -> None:
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
         self._socket.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
@@ -207,10 +215,14 @@ class Aggregator:
         """Run until ``stop()`` (or, embedded, until the job is done); write out everything held."""
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if poller.poll(50):
-                    self._receive_all()
+                for socket, _ in poller.poll(50):
+                    if socket is self._socket:
+                        self._receive_all()
+                    else:
+                        self._count_peers()
                 now = time.monotonic()
                 self._check_liveness(now)
                 self._write(take_all=False)
@@ -224,12 +236,15 @@ class Aggregator:
             self._sync_now = True
             self._sync(time.monotonic())
             self._acknowledge()
-            # Keep answering for a moment: a rank waiting in finish() may have missed the last
-            # acknowledgement and resends; closing the socket does not deliver queued ones.
+            # Keep answering until every rank has hung up (it does once it has its last ack), for
+            # at most a moment: a rank drops the acks it has not read when its peer goes away.
             deadline = time.monotonic() + 0.5
-            while time.monotonic() < deadline:
-                if poller.poll(50):
-                    self._receive_all()
+            while (self._unacknowledged() or self._peers) and time.monotonic() < deadline:
+                for socket, _ in poller.poll(10):
+                    if socket is self._socket:
+                        self._receive_all()
+                    else:
+                        self._count_peers()
                 self._acknowledge()
             for name, run in self._runs.items():
                 if run.pending:
@@ -610,6 +625,21 @@ class Aggregator:
         )
         health = [ScalarItem(tag, float(v)) for tag, v in zip(_HEALTH_TAGS, values, strict=True)]
         last.outputs.setdefault("", []).extend(health)
+
+    def _count_peers(self) -> None:
+        assert self._monitor is not None
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._peers += 1
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._peers = max(0, self._peers - 1)
+
+    def _unacknowledged(self) -> bool:
+        return any(stream.acked != (stream.received, stream.durable) for stream in self._streams.values())
 
     def _acknowledge(self) -> None:
         for (run, _rank, stream_id), stream in self._streams.items():
