@@ -85,6 +85,9 @@ class AggregatorOptions:
     # Embedded mode: exit when this process is gone and every rank has been silent for a while.
     parent_pid: int | None = None
     status_interval: float = 5.0
+    # A standalone aggregator forgets a finished stream this long after its last batch, and a
+    # run once it has no streams left (a later batch opens it again).
+    retire_after: float = 10.0
     # What may wait in memory for a disk that refuses it, before the oldest is dropped.
     max_pending_bytes: int = 256 << 20
     # CURVE keys; without them, a bind beyond this machine needs insecure=True.
@@ -178,6 +181,9 @@ class Aggregator:
         self._peers = 0
         self._runs: dict[str, _Run] = {}
         self._streams: dict[tuple[str, int, int], _Stream] = {}
+        # Streams forgotten (see _retire): their last batch, all of it durable.
+        self._retired: dict[tuple[str, int, int], int] = {}
+        self._last_liveness = 0.0
         self._stop = threading.Event()
         self.malformed: Counter[str] = Counter()
         self.records = 0
@@ -286,6 +292,12 @@ class Aggregator:
         origin = batch.origin
         key = (origin.run, origin.rank, origin.stream)
         stream = self._streams.get(key)
+        retired = self._retired.get(key) if stream is None else None
+        if retired is not None and batch.seq <= retired:
+            # A finished stream that missed its last acknowledgement: everything is durable.
+            self.duplicates += 1
+            self._send_ack(identity, origin.stream, retired, retired, 0)
+            return
         run = self._run(origin.run, origin.world_size)
         if run is None:
             self._malformed("run not served here", identity, f"run {origin.run!r}")
@@ -299,7 +311,7 @@ class Aggregator:
         if stream is None:
             # Batches below resend_from are written already (by an earlier aggregator, if this
             # one restarted); the stream goes on from there.
-            start = max(0, min(batch.resend_from, batch.seq) - 1)
+            start = self._retired.pop(key, None) or max(0, min(batch.resend_from, batch.seq) - 1)
             stream = self._streams[key] = _Stream(origin.run, origin.rank, identity, start, start)
             # A rank number has one process at a time: a new stream of it (a restarted rank)
             # supersedes the old one, which must not later time out and take the new one along.
@@ -454,6 +466,11 @@ class Aggregator:
             stream.open_steps.setdefault(step, batch.seq)
 
     def _check_liveness(self, now: float) -> None:
+        if now - self._last_liveness < 1.0:
+            return
+        self._last_liveness = now
+        if not self.options.embedded:
+            self._retire(now)
         for stream in self._streams.values():
             if not stream.finished and now - stream.last_seen > self.options.rank_timeout:
                 log.warning(
@@ -467,6 +484,27 @@ class Aggregator:
                 run.active -= 1
                 if not any(s.rank == stream.rank and not s.finished for s in run.streams):
                     run.merger.rank_left(stream.rank)
+
+    def _retire(self, now: float) -> None:
+        """Forget streams that finished with everything durable and acknowledged, and runs left
+        with none: a long-lived aggregator then visits only live streams each round, and keeps
+        only a sequence number per finished stream (to answer a late resend)."""
+        for key, stream in list(self._streams.items()):
+            if (
+                stream.finished
+                and stream.durable == stream.received
+                and stream.acked == (stream.received, stream.durable)
+                and now - stream.last_seen > self.options.retire_after
+            ):
+                del self._streams[key]
+                self._retired[key] = stream.received
+                run = self._runs[stream.run]
+                run.streams.remove(stream)
+        for name, run in list(self._runs.items()):
+            if not run.streams and not run.pending and not run.merger.stats().open_steps:
+                # A batch for it later opens it again, reading back its files and journal.
+                self._close_files(run)
+                del self._runs[name]
 
     def _done(self, now: float) -> bool:
         if self.options.embedded and all(s.finished for s in self._streams.values()):
@@ -645,14 +683,17 @@ class Aggregator:
         for (run, _rank, stream_id), stream in self._streams.items():
             if stream.acked != (stream.received, stream.durable):
                 size = self._runs[run].world_size
-                try:
-                    self._socket.send_multipart(
-                        [stream.identity, encode_ack(stream_id, stream.received, stream.durable, size)],
-                        zmq.NOBLOCK,
-                    )
-                except zmq.ZMQError:
-                    continue  # the rank is gone or slow; it resends and gets a new ack
-                stream.acked = (stream.received, stream.durable)
+                if self._send_ack(stream.identity, stream_id, stream.received, stream.durable, size):
+                    stream.acked = (stream.received, stream.durable)
+
+    def _send_ack(self, identity: bytes, stream: int, received: int, durable: int, world_size: int) -> bool:
+        try:
+            self._socket.send_multipart(
+                [identity, encode_ack(stream, received, durable, world_size)], zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
+            return False  # the rank is gone or slow; it resends and gets a new ack
+        return True
 
     def _status(self, now: float) -> None:
         elapsed = now - self._status_time
