@@ -61,11 +61,13 @@ def garbage(addr: str, n: int) -> None:
     # A well-formed batch of another run; some bit flips leave it well formed (a forged batch is
     # kept out of a job's run only by authentication, a later step), so it names no real job.
     valid.origin.run, valid.origin.rank, valid.origin.stream = "intruder", 0, 99
-    valid.series.add(tag="loss", kind=wire_pb2.SCALAR, reduce=[wire_pb2.MEAN])
-    valid.scalar_series.append(0)
-    valid.scalar_step.append(3)
-    valid.scalar_value.append(1e9)
-    valid.scalar_wall_time.append(1.0)
+    loss = wire_pb2.Series(tag="loss", kind=wire_pb2.SCALAR, reduce=[wire_pb2.MEAN])
+    valid.series_table = wire_pb2.SeriesTable(series=[loss]).SerializeToString()
+    # One scalar record (series 0, step 3, value 1e9, wall time 1.0): little-endian columns.
+    valid.scalar_series = np.array([0], dtype="<u4").tobytes()
+    valid.scalar_steps = np.array([3], dtype="<i8").tobytes()
+    valid.scalar_values = np.array([1e9], dtype="<f8").tobytes()
+    valid.scalar_wall_times = np.array([1.0], dtype="<f8").tobytes()
     good = encode_batch(valid)
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
