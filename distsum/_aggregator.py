@@ -118,8 +118,10 @@ class _Table(NamedTuple):
     kinds: np.ndarray
 
 
-# Series tables remembered per run; beyond this many the memory starts over.
+# Series tables remembered per run; beyond this many, or this many bytes of them, the memory
+# starts over.
 _MAX_TABLES = 1024
+_MAX_TABLE_BYTES = 4 << 20
 
 
 @dataclass
@@ -141,6 +143,7 @@ class _Run:
     recovered: dict[tuple[str, str], int] = field(default_factory=dict)
     # The series tables of the run's batches seen so far: run-wide ids and kinds, by index.
     tables: dict[bytes, _Table] = field(default_factory=dict)
+    table_bytes: int = 0
 
 
 class Aggregator:
@@ -298,16 +301,24 @@ class Aggregator:
             self.duplicates += 1
             self._send_ack(identity, origin.stream, retired, retired, 0)
             return
-        run = self._run(origin.run, origin.world_size)
-        if run is None:
+        if not self._serves(origin.run):
             self._malformed("run not served here", identity, f"run {origin.run!r}")
             return
+        # Everything is checked before the batch changes anything: a refused batch defines no
+        # series, opens no run and sets no world size.
+        known = self._runs.get(origin.run)
+        table = None if known is None else known.tables.get(batch.series_table)
         try:
-            table = run.tables.get(batch.series_table) or self._table(run, batch.series_table)
-            check_records(batch, table.kinds)
+            if table is None:
+                specs = decode_series_table(batch.series_table)
+                kinds = np.array([spec.kind for spec in specs], dtype=np.int64)
+            check_records(batch, kinds if table is None else table.kinds)
         except WireError as e:
             self._malformed(e.cause, identity, str(e))
             return
+        run = self._run(origin.run, origin.world_size)
+        if table is None:
+            table = self._table(run, batch.series_table, specs, kinds)
         if stream is None:
             # Batches below resend_from are written already (by an earlier aggregator, if this
             # one restarted); the stream goes on from there.
@@ -359,13 +370,16 @@ class Aggregator:
             run.active -= 1
             run.merger.rank_left(origin.rank)
 
-    def _run(self, name: str, world_size: int) -> _Run | None:
-        """The run ``name``, created on first sight; None for a name this aggregator does not
-        serve: a job must not write into another job's run."""
+    def _serves(self, name: str) -> bool:
+        """Whether this aggregator writes the run ``name``: a job must not write into another
+        job's run (the embedded aggregator serves only its job's, the standalone one runs of one
+        path component each)."""
+        return name == "" if self.options.embedded else name != "" and "/" not in name
+
+    def _run(self, name: str, world_size: int) -> _Run:
+        """The run ``name`` (one ``_serves``), created on first sight."""
         run = self._runs.get(name)
         if run is None:
-            if (name != "") if self.options.embedded else (name == "" or "/" in name):
-                return None
             size = self.options.world_size or world_size or None
             run_dir = os.path.join(self.root, name)
             recovered = _written_steps(run_dir)
@@ -386,18 +400,20 @@ class Aggregator:
             run.merger.set_world_size(world_size)
         return run
 
-    def _table(self, run: _Run, data: bytes) -> _Table:
-        """A series table not seen before in the run: checked, and mapped to the run's series."""
-        specs = decode_series_table(data)
-        try:
-            ids = [run.merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in specs]
-        except ValueError as e:
-            raise WireError("bad series", str(e)) from None
-        if len(run.tables) >= _MAX_TABLES:
-            run.tables.clear()
-        table = run.tables[data] = _Table(
-            np.array(ids, dtype=np.intp), np.array([s.kind for s in specs], dtype=np.int64)
+    def _table(self, run: _Run, data: bytes, specs: list[wire_pb2.Series], kinds: np.ndarray) -> _Table:
+        """A checked series table not seen before in the run, mapped to the run's series ids."""
+        ids = np.array(
+            [run.merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in specs],
+            dtype=np.intp,
         )
+        table = _Table(ids, kinds)
+        # Remembered up to a bound in bytes: any peer can send distinct tables.
+        if len(data) <= _MAX_TABLE_BYTES:
+            if run.table_bytes + len(data) > _MAX_TABLE_BYTES or len(run.tables) >= _MAX_TABLES:
+                run.tables.clear()
+                run.table_bytes = 0
+            run.tables[data] = table
+            run.table_bytes += len(data)
         return table
 
     def _add(

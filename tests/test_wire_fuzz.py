@@ -1861,13 +1861,6 @@ def test_a_peer_claiming_the_next_routing_id_does_not_abort_the_daemon(tmp_path)
     assert_clean_exit(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (distsum/_aggregator.py, Aggregator._table, _MAX_TABLES): a run keeps the bytes of every "
-    "distinct valid series table it is sent, up to 1024 tables of up to 64 MiB each, from any peer and "
-    "even when the batch is then refused (here: a scalar naming a text series); protocol 1 kept nothing "
-    "of a batch's series",
-)
 def test_series_tables_sent_do_not_pile_up_in_memory(tmp_path):
     filler = [wire_pb2.Series(tag="t" * 1000, kind=TEXT)] * 2000
     with daemon_and_peer(tmp_path) as (daemon, peer, result):
@@ -1884,14 +1877,6 @@ def test_series_tables_sent_do_not_pile_up_in_memory(tmp_path):
     assert growth < 64 * 1024, f"daemon RSS grew by {growth} KiB and stays so"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (distsum/_aggregator.py, Aggregator._handle): a batch's series table is mapped to the "
-    "run's series (Aggregator._table -> RunMerger.series, which claims the tags) before check_records "
-    "refuses the batch, so a refused batch defines series: here 'acc' as a text series, after which an "
-    "honest rank's scalar 'acc' conflicts and is dropped, though acknowledged as durable; protocol 1 "
-    "refused such a batch before defining anything",
-)
 def test_a_refused_batch_defines_no_series(tmp_path):
     bad = Draft(seq=1)
     bad.batch.origin.run, bad.batch.origin.stream = "job", 66
