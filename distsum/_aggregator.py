@@ -73,6 +73,9 @@ class AggregatorOptions:
     bind: str = "tcp://127.0.0.1:0"
     world_size: int | None = None
     step_timeout: float = 30.0
+    # A step every rank has reached is written once it has had no record for this long (so a
+    # slow training step does not hold the step it logged until the next one begins).
+    step_settle: float = 2.0
     # Event files are fsynced at least this often; a batch is acknowledged as durable only once
     # its records are written and fsynced. A flush or finish from a rank fsyncs at once.
     flush_secs: float = 2.0
@@ -384,7 +387,12 @@ class Aggregator:
             run_dir = os.path.join(self.root, name)
             recovered = _written_steps(run_dir)
             run = self._runs[name] = _Run(
-                RunMerger(step_timeout=self.options.step_timeout, world_size=size, written=recovered),
+                RunMerger(
+                    step_timeout=self.options.step_timeout,
+                    settle=self.options.step_settle,
+                    world_size=size,
+                    written=recovered,
+                ),
                 Journal(run_dir),
                 size or 0,
                 recovered=recovered,

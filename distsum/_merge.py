@@ -9,9 +9,14 @@ comes from an injected clock, so the same inputs and clock readings give the sam
 (of any series of the run) with a step above ``s``, or asked for a flush after logging ``s``, or
 left. The ranks waited for are the joined ranks that have not left and, when the world size is
 known, the ranks ``0 .. n-1`` that have not shown up yet (they hold every step until the
-timeout). Every step that all of them have moved past is complete. A step whose first record
-arrived more than ``step_timeout`` ago is taken anyway, and with it every open step below it,
-because a tag's steps must be written in increasing order (tensorboard-format.md section 4).
+timeout). Every step that all of them have moved past is complete. With ``settle``, so is a step
+that all of them have *reached* (logged at it or beyond) once no record for it, nor for any open
+step below it, has arrived for ``settle`` seconds: a job whose steps take longer than that sees
+each step written ``settle`` seconds after its last record rather than when the next step begins
+(a rank's record that arrives later still, for a series already written there, is late). A step
+whose first record arrived more than ``step_timeout`` ago is taken anyway, and with it every
+open step below it, because a tag's steps must be written in increasing order
+(tensorboard-format.md section 4).
 A rank that sends records without ``rank_joined`` joins with them; records of a rank that left
 are still merged, but it is waited for again only after ``rank_joined``.
 
@@ -414,9 +419,10 @@ class _Blob(NamedTuple):
 
 @dataclass(slots=True)
 class _Open:
-    """An open step: when its first record arrived, and how many values it holds."""
+    """An open step: when its first and last records arrived, and how many values it holds."""
 
     first: float
+    last: float
     held: int = 0
 
 
@@ -433,6 +439,7 @@ class RunMerger:
         max_open_values: int = 10_000_000,
         world_size: int | None = None,
         written: Mapping[tuple[str, str], int] | None = None,
+        settle: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not step_timeout >= 0:
@@ -440,6 +447,7 @@ class RunMerger:
         if max_open_values < 0:
             raise ValueError(f"max_open_values must be >= 0, got {max_open_values!r}")
         self._timeout = float(step_timeout)
+        self._settle = None if settle is None else float(settle)
         self._max_values = int(max_open_values)
         self._clock = clock
 
@@ -902,9 +910,10 @@ class RunMerger:
     def _hold(self, step: int, count: int, now: float) -> None:
         info = self._open.get(step)
         if info is None:
-            info = self._open[step] = _Open(now)
+            info = self._open[step] = _Open(now, now)
             heapq.heappush(self._step_heap, step)
             self._arrivals.append((now, step, info))
+        info.last = now
         info.held += count
         self._held += count
 
@@ -913,13 +922,13 @@ class RunMerger:
     def take_ready(self, now: float | None = None) -> list[MergedStep]:
         """The steps to write now, in increasing step order, and the late records that arrived.
 
-        Complete steps, steps whose first record arrived more than ``step_timeout`` before ``now``
-        (the clock's reading by default) with every open step below them, and the oldest steps
-        while more than ``max_open_values`` are held.
+        Complete steps (settled ones included), steps whose first record arrived more than
+        ``step_timeout`` before ``now`` (the clock's reading by default) with every open step below
+        them, and the oldest steps while more than ``max_open_values`` are held.
         """
         if now is None:
             now = self._clock()
-        complete = self._frontier()
+        complete = self._settled(self._frontier(), now)
         limit = complete
         deadline = now - self._timeout
         arrivals = self._arrivals
@@ -931,6 +940,24 @@ class RunMerger:
         if self._held > self._max_values:
             limit = self._memory_limit(limit)
         return self._take(limit, complete, timed_out)
+
+    def _settled(self, frontier: int, now: float) -> int:
+        """``frontier``, or beyond it the last open step that every waited rank has reached and
+        that, like every open step below it, has had no record for ``settle`` seconds."""
+        if self._settle is None or self._missing or not self._step_heap:
+            return frontier
+        reached = min((self._progress[r] for r, joined in self._state.items() if joined), default=_AFTER_ALL)
+        if reached <= frontier:
+            return frontier
+        quiet = now - self._settle
+        limit = frontier
+        for step in sorted(self._step_heap):
+            if step <= frontier:
+                continue
+            if step > reached or self._open[step].last > quiet:
+                break
+            limit = step
+        return limit
 
     def take_all(self) -> list[MergedStep]:
         """Every open step and late record, as ``take_ready`` would return them (for shutdown)."""

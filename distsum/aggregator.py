@@ -1,10 +1,11 @@
 """``distsum-aggregator``: the daemon that merges every rank's records into one run per job.
 
     distsum-aggregator --logdir DIR [--bind ADDR] [--world-size N] [--flush-secs S]
-                       [--step-timeout S] [--rank-timeout S]
+                       [--step-timeout S] [--step-settle S] [--rank-timeout S]
 
 Every flag can also be set from the environment (``DISTSUM_LOGDIR``, ``DISTSUM_BIND``,
-``DISTSUM_WORLD_SIZE``, ``DISTSUM_FLUSH_SECS``, ``DISTSUM_STEP_TIMEOUT``, ``DISTSUM_RANK_TIMEOUT``);
+``DISTSUM_WORLD_SIZE``, ``DISTSUM_FLUSH_SECS``, ``DISTSUM_STEP_TIMEOUT``, ``DISTSUM_STEP_SETTLE``,
+``DISTSUM_RANK_TIMEOUT``);
 a flag wins over the environment. It binds to loopback unless told otherwise, prints the address
 it listens on, and on SIGINT or SIGTERM writes out everything it holds and exits 0.
 """
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=_env("DISTSUM_WORLD_SIZE"))
     parser.add_argument("--flush-secs", type=float, default=_env("DISTSUM_FLUSH_SECS", "2"))
     parser.add_argument("--step-timeout", type=float, default=_env("DISTSUM_STEP_TIMEOUT", "30"))
+    parser.add_argument(
+        "--step-settle",
+        type=float,
+        default=_env("DISTSUM_STEP_SETTLE", "2"),
+        help="write a step every rank has reached once it has had no record for this long",
+    )
     parser.add_argument("--rank-timeout", type=float, default=_env("DISTSUM_RANK_TIMEOUT", "30"))
     parser.add_argument(
         "--curve-secret",
@@ -67,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 bind=args.bind,
                 world_size=args.world_size,
                 step_timeout=args.step_timeout,
+                step_settle=args.step_settle,
                 flush_secs=args.flush_secs,
                 rank_timeout=args.rank_timeout,
                 embedded=args.embedded,

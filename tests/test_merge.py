@@ -280,6 +280,38 @@ def test_step_complete_once_every_rank_moved_past_it() -> None:
     assert m.stats().open_steps == 1 and m.stats().steps_timed_out == 0
 
 
+def test_a_step_every_rank_reached_is_written_once_it_settles() -> None:
+    clock = FakeClock()
+    m = merger(clock, settle=2.0)
+    x, y = m.series("", "x", SCALAR), m.series("", "y", SCALAR)
+    for r in range(2):
+        m.rank_joined(r)
+    log(m, 0, [(x, 0, 1.0), (x, 1, 1.0)])
+    clock.now = 5.0
+    assert m.take_ready() == []  # rank 1 has not reached step 0
+    log(m, 1, [(x, 0, 3.0)])
+    clock.now = 6.5
+    assert m.take_ready() == []  # step 0 had a record 1.5 s ago
+    clock.now = 7.1
+    ready = m.take_ready()  # both ranks reached 0, quiet for 2 s; rank 1 has not reached 1
+    assert steps_of(ready) == [0] and flatten(ready) == {("", "x"): {0: 2.0}}
+    assert m.stats().steps_timed_out == 0
+    log(m, 1, [(x, 0, 5.0), (y, 0, 7.0), (x, 1, 3.0)])  # x at 0 is late now; y at 0 is not
+    clock.now = 9.2
+    ready = flatten(m.take_ready())
+    assert ready == {("late/rank_1", "x"): {0: 5.0}, ("", "y"): {0: 7.0}, ("", "x"): {1: 2.0}}
+    assert m.stats().late == 1
+
+
+def test_without_settle_a_reached_step_waits_for_the_next_one() -> None:
+    clock = FakeClock()
+    m = merger(clock, step_timeout=100.0)
+    x = m.series("", "x", SCALAR)
+    log(m, 0, [(x, 0, 1.0)])
+    clock.now = 50.0
+    assert m.take_ready() == []
+
+
 def test_slow_rank_holds_a_step_until_the_timeout_then_its_record_is_late() -> None:
     clock = FakeClock()
     m = merger(clock, step_timeout=10.0)
