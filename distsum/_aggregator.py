@@ -258,6 +258,13 @@ class Aggregator:
                     else:
                         self._count_peers()
                 self._acknowledge()
+            if not self._peers and not self._unacknowledged():
+                # Every rank has hung up with its last ack: none of them can resend anything.
+                for (_, rank, stream_id), stream in self._streams.items():
+                    if stream.finished:
+                        self._runs[stream.run].journal.forget(rank, stream_id)
+                self._sync_now = True
+                self._sync(time.monotonic())
             for name, run in self._runs.items():
                 if run.pending:
                     count = sum(len(entries) for entries in run.pending.values())
@@ -326,6 +333,10 @@ class Aggregator:
             # Batches below resend_from are written already (by an earlier aggregator, if this
             # one restarted); the stream goes on from there.
             start = self._retired.pop(key, None) or max(0, min(batch.resend_from, batch.seq) - 1)
+            earlier = run.journal.earlier.get((origin.rank, origin.stream))
+            if earlier is not None:
+                # Durable before the crash, though the rank may have missed the acknowledgement.
+                start = max(start, earlier.durable)
             stream = self._streams[key] = _Stream(origin.run, origin.rank, identity, start, start)
             # A rank number has one process at a time: a new stream of it (a restarted rank)
             # supersedes the old one, which must not later time out and take the new one along.
@@ -333,7 +344,7 @@ class Aggregator:
                 if old.rank == origin.rank and not old.finished:
                     old.finished = True
                     run.active -= 1
-            stream.earlier = run.journal.earlier.get((origin.rank, origin.stream))
+            stream.earlier = earlier
             run.active += 1
             run.streams.append(stream)
             self._last_join = time.monotonic()
@@ -524,6 +535,7 @@ class Aggregator:
                 self._retired[key] = stream.received
                 run = self._runs[stream.run]
                 run.streams.remove(stream)
+                run.journal.forget(stream.rank, key[2])
         for name, run in list(self._runs.items()):
             if not run.streams and not run.pending and not run.merger.stats().open_steps:
                 # A batch for it later opens it again, reading back its files and journal.

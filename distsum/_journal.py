@@ -11,9 +11,11 @@ order, and a process that dies leaves what it wrote). A new aggregator reads it 
 each resent batch the way the old one took it; see ``RunMerger`` for how a replayed record is
 recognised as written.
 
-Only batches beyond a stream's durable point can come again, so at every fsync the journal is
-rewritten as one snapshot of the streams that still hold such batches, and stays small; once
-everything is durable (a job that finished), there is no journal file at all.
+Only batches beyond a stream's durable point can come again, and those up to it are answered as
+duplicates (the rank may have missed the acknowledgement), so at every fsync the journal is
+rewritten as one snapshot: each stream's durable point, and the late records of its batches
+beyond it. A stream is forgotten once it can send nothing more (it finished and hung up, or it
+was forgotten by the aggregator); once all are, there is no journal file at all.
 """
 
 from __future__ import annotations
@@ -45,11 +47,6 @@ class Progress:
     def prune(self) -> None:
         for seq in [seq for seq in self.late if seq <= self.durable]:
             del self.late[seq]
-
-    @property
-    def needed(self) -> bool:
-        """Whether a batch this describes may still be resent."""
-        return self.merged > self.durable
 
 
 class Journal:
@@ -104,6 +101,12 @@ class Journal:
         self._changed.add(key)
         self.dirty = True
 
+    def forget(self, rank: int, stream: int) -> None:
+        """The stream will send nothing more (it finished and has its last ack, or it is dead)."""
+        if self._progress.pop((rank, stream), None) is not None:
+            self._changed.discard((rank, stream))
+            self.dirty = True
+
     def durable(self, rank: int, stream: int, seq: int) -> None:
         """Batches up to ``seq`` of the stream are fsynced: they will not be resent."""
         p = self._progress.get((rank, stream))
@@ -147,14 +150,11 @@ class Journal:
         self._late.clear()
 
     def checkpoint(self) -> None:
-        """Replace the file with one snapshot of what may still be resent, fsynced. Raises OSError.
+        """Replace the file with one snapshot, fsynced. Raises OSError.
 
-        Called after the event files were fsynced and ``durable`` recorded, so the batches it
-        forgets are on disk for good.
+        Called after the event files were fsynced and ``durable`` recorded, so the late records
+        it forgets are of batches on disk for good.
         """
-        for key in [key for key, p in self._progress.items() if not p.needed]:
-            del self._progress[key]
-            self._changed.discard(key)
         if not self._progress:
             # Nothing can come again: no journal at all, rather than an empty one beside the run.
             self.close()

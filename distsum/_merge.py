@@ -756,7 +756,7 @@ class RunMerger:
         index = None
         if replay is not None:
             # Merged into a step that an earlier aggregator then wrote: it is there already.
-            done = (replay == REPLAY_MERGED) & np.less_equal(steps, self._recovered.take(series))
+            done = (replay == REPLAY_MERGED) & np.less_equal(steps, self._recovered_for(series, rank))
             if np.count_nonzero(done):
                 self._replayed += int(np.count_nonzero(done))
                 keep = ~done
@@ -833,6 +833,25 @@ class RunMerger:
             self._late_chunks.append(
                 _Chunk(ranks, series, steps, values, walls, int(steps.min()), int(steps.max()), False)
             )
+
+    def _recovered_for(self, series: np.ndarray, rank: int) -> np.ndarray:
+        """Per record of ``rank``: the last step an earlier aggregator wrote for its series.
+
+        A per-rank series counts as written only where the rank's own run has it (a crash may
+        fall between the files of one round), and where the reductions' run has it too.
+        """
+        recovered = self._recovered.take(series)
+        per_rank = self._per_rank.take(series)
+        if np.count_nonzero(per_rank):
+            for sid in np.unique(series[per_rank]).tolist():
+                info = self._series[sid]
+                last = self._written.get((self._rank_run(info.rank_prefix, rank), info.spec.tag), _INT64_MIN)
+                if info.ops:
+                    last = min(
+                        last, max(self._written.get((info.spec.subrun, t), _INT64_MIN) for _, t in info.ops)
+                    )
+                recovered[series == sid] = last
+        return recovered
 
     def _written_late(self, sid: int, rank: int) -> int:
         """The last step an earlier aggregator wrote for the series in the rank's late run."""
