@@ -214,3 +214,51 @@ def test_late_records_written_before_the_crash_are_not_written_again(tmp_path, d
         job.stop()
     runs = assert_each_record_once(run_dir, {0: set(range(7)), 1: set(range(6))})
     assert runs["late/rank_1"] == {step: 2.0 for step in range(6)}
+
+
+def wait_for_durable_ack(sock, stream: int, seq: int) -> None:
+    from distsum._wire import decode_ack
+
+    while True:
+        assert sock.poll(30_000), "no acknowledgement"
+        ack = decode_ack(sock.recv())
+        if ack.stream == stream and ack.durable >= seq:
+            return
+
+
+def test_a_batch_durable_before_the_crash_is_a_duplicate_though_its_rank_missed_the_ack(tmp_path):
+    # A rank that resends a batch the dead aggregator had written and fsynced (its durable ack was
+    # lost with the connection): the next aggregator must not take it for new records.
+    import zmq
+
+    from distsum._proto import wire_pb2
+    from distsum._wire import encode_batch, encode_series_table, set_scalar_columns
+
+    b = wire_pb2.Batch(seq=1, resend_from=1, flush=True)
+    b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = RUN, 0, 1, 77
+    b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [wire_pb2.SUM], 0)])
+    set_scalar_columns(b, [0] * 6, range(6), [1.0] * 6, [1.0] * 6)
+    frame = encode_batch(b)
+    proc, addr = start_daemon(tmp_path, "--world-size", "1", "--flush-secs", "0.05")
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(addr)
+        sock.send(frame)
+        # Written and fsynced: the aggregator says so, and dies. The rank resends the batch as
+        # one that missed this acknowledgement would.
+        wait_for_durable_ack(sock, 77, 1)
+        proc.kill()
+        proc.communicate()
+        proc, _ = start_daemon(tmp_path, "--world-size", "1", "--bind", addr)
+        sock.send(frame)
+        wait_for_durable_ack(sock, 77, 1)
+        assert stop_daemon(proc)[0] == 0
+    finally:
+        sock.close()
+        context.term()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert written(str(tmp_path / RUN)) == {"": {step: 1.0 for step in range(6)}}
