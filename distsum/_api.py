@@ -361,9 +361,17 @@ image = _root.image
 text = _root.text
 
 
+_writers: dict[str, Writer] = {}
+
+
 def writer(name: str) -> Writer:
     """The logging calls for sub-run ``<run>/<name>``, e.g. ``distsum.writer("test")``."""
-    return Writer(name)
+    # One per name, so a loop that calls distsum.writer(name).scalar(...) keeps its tag cache.
+    found = _writers.get(name) if isinstance(name, str) else None
+    if found is None:
+        found = Writer(name)
+        _writers[name] = found
+    return found
 
 
 def flush(timeout: float | None = 30.0) -> bool:

@@ -39,7 +39,7 @@ from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
 from distsum._security import ClientKeys
 from distsum._spool import Retained, remove_orphans
-from distsum._wire import WireError, add_histogram, add_scalars, decode_ack, new_batch
+from distsum._wire import ScalarColumns, WireError, add_histogram, decode_ack, encode_batch
 
 __all__ = ["Client", "ClientOptions", "Series", "series_of"]
 
@@ -419,7 +419,9 @@ class Client:
         while True:
             room = min(record_limit - count, -(-(byte_limit - size) // _SCALAR_BYTES))
             if room <= 0:
-                break
+                if count:
+                    break
+                room = 1  # whatever the limits, a batch takes a record: the queue moves on
             if self._row == len(self._rows) and not self._take_rows(room):
                 cut = False
                 break
@@ -458,9 +460,8 @@ class Client:
         return True
 
     def _encode(self, rows: np.ndarray, others: list[_Record], markers: list[_Marker]) -> bytes:
-        envelope, batch = new_batch()
+        batch = wire_pb2.Batch(seq=self._seq)
         batch.origin.CopyFrom(self._origin)
-        batch.seq = self._seq
         numbers, steps = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
         values, walls = rows[:, 2], rows[:, 3]
         huge = [r for r in others if _series[r.series].kind == SCALAR]
@@ -478,7 +479,6 @@ class Client:
         index = np.zeros(len(used), dtype=np.int64)
         index[present] = np.arange(len(present))
         batch.series.extend([_series[n].message for n in present.tolist()])
-        add_scalars(batch, index[numbers], steps, values, walls)
         for record in others:
             series, step, payload, wall = _series[record.series], record.step, record.payload, record.wall
             i = int(index[record.series])
@@ -505,7 +505,7 @@ class Client:
         first = self._unacked.first()
         batch.resend_from = self._seq if first is None else first
         batch.dropped = self.dropped + self._unacked.dropped_records
-        return envelope.SerializeToString()
+        return encode_batch(batch, ScalarColumns(index[numbers], steps, values, walls))
 
     def _send_from(self, first: int) -> int | None:
         """Send the held batches from ``first`` on, in order; the first that did not go, if any."""

@@ -8,6 +8,7 @@ it is where everything that arrives from the network is checked before anything 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,16 +19,15 @@ from distsum._proto import event_pb2, wire_pb2
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
+    "ScalarColumns",
     "WireError",
     "add_histogram",
-    "add_scalars",
     "check_run_name",
     "decode_ack",
     "decode_batch",
     "encode_ack",
     "encode_batch",
     "histogram_of",
-    "new_batch",
 ]
 
 PROTOCOL_VERSION = 1
@@ -70,38 +70,48 @@ def encode_ack(stream: int, received: int, durable: int, world_size: int) -> byt
     return envelope.SerializeToString()
 
 
-def encode_batch(batch: wire_pb2.Batch) -> bytes:
-    envelope = wire_pb2.Envelope(version=PROTOCOL_VERSION)
-    envelope.batch.CopyFrom(batch)
-    return envelope.SerializeToString()
+class ScalarColumns(NamedTuple):
+    """Scalar records as columns of equal length (numpy): record i is the i-th of each."""
+
+    series: np.ndarray
+    steps: np.ndarray
+    values: np.ndarray
+    wall_times: np.ndarray
 
 
-def add_scalars(
-    batch: wire_pb2.Batch, series: np.ndarray, steps: np.ndarray, values: np.ndarray, wall_times: np.ndarray
-) -> None:
-    """Append scalar records, given as columns, to ``batch``.
+def encode_batch(batch: wire_pb2.Batch, scalars: ScalarColumns | None = None) -> bytes:
+    """One wire message: ``batch`` in an ``Envelope`` of this version.
 
-    The same message as extending the four repeated fields value by value, built with numpy:
-    the packed fields are encoded in bulk and merged in (protobuf checks them as it parses).
+    ``scalars`` are the batch's scalar records (then its own scalar fields must be empty). They
+    are encoded with numpy, as packed fields, and spliced in where protobuf writes those fields:
+    the bytes are those of the batch holding them, without a Python object per value.
     """
-    if not len(series):
-        return
-    batch.MergeFromString(
-        b"".join(
-            (
-                _packed_field(_SCALAR_FIELDS[0], _varints(series)),
-                _packed_field(_SCALAR_FIELDS[1], _varints(steps)),
-                _packed_field(_SCALAR_FIELDS[2], np.asarray(values, dtype="<f8").tobytes()),
-                _packed_field(_SCALAR_FIELDS[3], np.asarray(wall_times, dtype="<f8").tobytes()),
-            )
+    data = batch.SerializeToString()
+    if scalars is not None and len(scalars.series):
+        if batch.scalar_series or batch.scalar_step or batch.scalar_value or batch.scalar_wall_time:
+            raise ValueError("scalar columns given for a batch that has scalars of its own")
+        cut = _fields_below(data, _SCALAR_FIELDS[-1] + 1)
+        columns = (
+            _varints(scalars.series),
+            _varints(scalars.steps),
+            np.asarray(scalars.values, dtype="<f8").tobytes(),
+            np.asarray(scalars.wall_times, dtype="<f8").tobytes(),
         )
-    )
+        parts = [data[:cut]]
+        for number, payload in zip(_SCALAR_FIELDS, columns, strict=True):
+            parts += (_varint(number << 3 | _LEN), _varint(len(payload)), payload)
+        parts.append(data[cut:])
+        data = b"".join(parts)
+    # What protobuf writes for Envelope(version=..., batch=batch), without copying the batch.
+    return b"".join((_ENVELOPE_VERSION, _BATCH_TAG, _varint(len(data)), data))
 
 
+_LEN = 2  # the wire type of length-delimited fields, packed ones among them
 _SCALAR_FIELDS = [
     wire_pb2.Batch.DESCRIPTOR.fields_by_name[name].number
     for name in ("scalar_series", "scalar_step", "scalar_value", "scalar_wall_time")
 ]
+_ENVELOPE_VERSION = wire_pb2.Envelope(version=PROTOCOL_VERSION).SerializeToString()
 _SHIFTS = np.arange(0, 70, 7, dtype=np.uint64)
 
 
@@ -114,35 +124,75 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _packed_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload  # wire type 2: length-delimited
+_BATCH_TAG = _varint(wire_pb2.Envelope.DESCRIPTOR.fields_by_name["batch"].number << 3 | _LEN)
+
+
+def _fields_below(data: bytes, number: int) -> int:
+    """Where the fields numbered below ``number`` end in a serialized message.
+
+    Protobuf writes a message's fields in the order of their numbers.
+    """
+    pos = 0
+    while pos < len(data):
+        tag, after = _read_varint(data, pos)
+        if tag >> 3 >= number:
+            break
+        kind = tag & 7
+        if kind == 0:
+            pos = _read_varint(data, after)[1]
+        elif kind == _LEN:
+            length, after = _read_varint(data, after)
+            pos = after + length
+        else:  # fixed 64 or 32 bits
+            pos = after + (8 if kind == 1 else 4)
+    return pos
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
 
 def _varints(values: np.ndarray) -> bytes:
     """Integers as consecutive protobuf varints (negative ones as 64-bit two's complement)."""
-    v = np.asarray(values, dtype=np.int64).view(np.uint64)
-    width = max(1, (int(v.max()).bit_length() + 6) // 7)  # bytes of the largest
-    if width == 1:
+    v = np.asarray(values, dtype=np.int64)
+    low, top = int(v.min()), int(v.max())
+    width = max(1, (top.bit_length() + 6) // 7)  # bytes of the largest
+    if width == 1 and low >= 0:
         return v.astype(np.uint8).tobytes()
-    shifted = v[:, None] >> _SHIFTS[:width]
+    if low < 0 or width > 8:
+        return _wide_varints(v)
+    # Each value spread over one little-endian word, a byte per 7 bits, continuation bits set.
+    word = np.dtype("<u4" if width <= 4 else "<u8")
+    x = v.astype(word)
+    spread = x & 0x7F
+    longer = [x >= 1 << 7 * k for k in range(1, width)]  # longer[k - 1]: has a byte k
+    for k in range(1, width):
+        spread |= (x & (0x7F << (7 * k))) << k
+        spread |= longer[k - 1].astype(word) << (8 * k - 1)
+    out = spread.view(np.uint8).reshape(len(x), word.itemsize)[:, :width]
+    if low >= 1 << 7 * (width - 1):  # all of one length, the common case
+        return out.tobytes()
+    length = 1 + np.sum(longer, axis=0)
+    return out[np.arange(width) < length[:, None]].tobytes()
+
+
+def _wide_varints(v: np.ndarray) -> bytes:
+    u = v.view(np.uint64)
+    width = max(1, (int(u.max()).bit_length() + 6) // 7)
+    shifted = u[:, None] >> _SHIFTS[:width]
     out = (shifted & 0x7F).astype(np.uint8)
     more = shifted[:, 1:] != 0  # whether a value has a byte after this one
     out[:, :-1] |= more.view(np.uint8) << 7
-    if more.all():
-        return out.tobytes()
     keep = np.ones(out.shape, dtype=bool)
     keep[:, 1:] = more
     return out[keep].tobytes()
-
-
-def new_batch() -> tuple[wire_pb2.Envelope, wire_pb2.Batch]:
-    """An envelope of this version and its empty batch, to be filled in place and serialized whole.
-
-    The same bytes as ``encode_batch`` of the finished batch, without copying it into an envelope.
-    """
-    envelope = wire_pb2.Envelope(version=PROTOCOL_VERSION)
-    envelope.batch.SetInParent()
-    return envelope, envelope.batch
 
 
 def _envelope(frame: bytes) -> wire_pb2.Envelope:

@@ -14,7 +14,7 @@ import pytest
 import distsum
 from distsum._histogram import Histogram
 from distsum._proto import wire_pb2
-from distsum._wire import add_scalars, decode_batch, encode_batch, new_batch
+from distsum._wire import PROTOCOL_VERSION, ScalarColumns, add_histogram, encode_batch
 from tests.tbreaders import acc_histograms, acc_scalars, acc_text, accumulate
 
 # Bounds on how long a prompt flush may take: generous, since the machine may be busy; the
@@ -52,6 +52,30 @@ def timed(call):
 EDGES = [0, 1, 127, 128, 16_383, 16_384, 2**21, 2**35 - 1, 2**53, 2**62 + 5, 2**63 - 1]
 
 
+def batch_around_scalars(seed: int) -> wire_pb2.Batch:
+    """A batch with fields before the scalar columns and after them."""
+    batch = wire_pb2.Batch(seq=3 + seed, flush=True, finish=bool(seed % 2), resend_from=2, dropped=seed)
+    batch.origin.run, batch.origin.rank, batch.origin.stream, batch.origin.host = "job", 1, 2**63 + 7, "h"
+    for i in range(seed * 40):
+        batch.series.add(tag=f"t{i}", kind=wire_pb2.SCALAR, reduce=[wire_pb2.MEAN])
+    if seed % 3:
+        add_histogram(batch, 0, 5, 1.5, Histogram.from_values(np.arange(50.0), tag="h"))
+        batch.texts.add(series=0, step=1, wall_time=2.0, text="hi")
+        batch.raws.add(subrun="x", event=b"\x09" + bytes(8))
+    return batch
+
+
+def with_scalars(batch: wire_pb2.Batch, columns: ScalarColumns) -> wire_pb2.Batch:
+    """``batch`` with the columns in its repeated fields, value by value."""
+    expected = wire_pb2.Batch()
+    expected.CopyFrom(batch)
+    expected.scalar_series.extend(columns.series.tolist())
+    expected.scalar_step.extend(columns.steps.tolist())
+    expected.scalar_value.extend(columns.values.tolist())
+    expected.scalar_wall_time.extend(columns.wall_times.tolist())
+    return expected
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_scalar_columns_are_the_bytes_protobuf_writes(seed):
     rng = np.random.default_rng(seed)
@@ -63,27 +87,49 @@ def test_scalar_columns_are_the_bytes_protobuf_writes(seed):
     series = rng.integers(0, [3, 300, 128, 129, 2**20, 2**32 - 1][seed], n, dtype=np.int64, endpoint=True)
     values = rng.normal(0, 1e6, n)
     values[:4] = [np.nan, np.inf, -np.inf, -0.0][: min(4, n)]
-    walls = 1.7e9 + rng.random(n)
-
-    envelope, batch = new_batch()
-    batch.seq = 3
-    add_scalars(batch, series, steps, values, walls)
-
-    expected = wire_pb2.Batch(seq=3)
-    expected.scalar_series.extend(series.tolist())
-    expected.scalar_step.extend(steps.tolist())
-    expected.scalar_value.extend(values.tolist())
-    expected.scalar_wall_time.extend(walls.tolist())
-    assert envelope.SerializeToString() == encode_batch(expected)
+    columns = ScalarColumns(series, steps, values, 1.7e9 + rng.random(n))
+    batch = batch_around_scalars(seed)
+    data = encode_batch(batch, columns)
+    expected = wire_pb2.Envelope(version=PROTOCOL_VERSION)
+    expected.batch.CopyFrom(with_scalars(batch, columns))
+    assert data == expected.SerializeToString()
+    assert wire_pb2.Envelope.FromString(data).batch.scalar_step == steps.tolist()
 
 
-def test_no_scalars_add_nothing():
-    envelope, batch = new_batch()
-    batch.seq = 1
-    empty = np.empty(0)
-    add_scalars(batch, empty.astype(np.int64), empty.astype(np.int64), empty, empty)
-    assert envelope.SerializeToString() == encode_batch(wire_pb2.Batch(seq=1))
-    assert decode_batch(envelope.SerializeToString()).seq == 1
+@pytest.mark.parametrize(
+    "steps",
+    [
+        np.arange(1000, 1400).repeat(100),  # every step two bytes long
+        np.arange(100_000, 100_400).repeat(3),  # three bytes
+        np.arange(2**35, 2**35 + 10),  # five bytes
+        np.array([0, 2**56 - 1, 2**56, 2**63 - 1]),  # eight bytes and beyond
+        np.array([5]),
+    ],
+)
+def test_steps_of_one_length_are_the_bytes_protobuf_writes(steps):
+    n = len(steps)
+    columns = ScalarColumns(np.zeros(n, np.int64), steps, np.ones(n), np.ones(n))
+    batch = batch_around_scalars(1)
+    assert encode_batch(batch, columns) == encode_batch(with_scalars(batch, columns))
+
+
+def test_a_batch_without_scalars_is_the_envelope_protobuf_writes():
+    for seed in range(3):
+        batch = batch_around_scalars(seed)
+        expected = wire_pb2.Envelope(version=PROTOCOL_VERSION)
+        expected.batch.CopyFrom(batch)
+        empty = np.empty(0)
+        assert encode_batch(batch) == expected.SerializeToString()
+        assert encode_batch(batch, ScalarColumns(empty, empty, empty, empty)) == expected.SerializeToString()
+    assert encode_batch(wire_pb2.Batch()) == b"\x08\x01\x12\x00"
+
+
+def test_scalar_columns_are_refused_for_a_batch_with_scalars_of_its_own():
+    batch = wire_pb2.Batch(seq=1)
+    batch.scalar_series.append(0)
+    one = np.ones(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="scalars of its own"):
+        encode_batch(batch, ScalarColumns(one, one, one, one))
 
 
 # --- flush and finish -------------------------------------------------------------------------
@@ -185,6 +231,26 @@ def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_pa
     assert [(s, str(t)) for s, t in acc_text(acc, "note")] == [
         (s, f"**rank 0**\n\nstep {s}") for s in range(0, 40, 5)
     ]
+
+
+@pytest.mark.parametrize("limits", [{"max_batch_records": 1}, {"max_batch_bytes": 1}])
+def test_batches_of_one_record_deliver_everything(tmp_path, limits):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc = start_daemon(tmp_path / "runs", addr)
+    distsum.init(0, 1, addr=addr, run="job", **limits)
+    try:
+        for step in range(30):
+            distsum.scalar("x", float(step), step)
+            if step % 10 == 0:
+                distsum.text("t", "a", step)
+                assert distsum.flush(30)
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+        stop_daemon(proc)
+    acc = accumulate(tmp_path / "runs" / "job")
+    assert acc_scalars(acc, "x") == [(s, float(s)) for s in range(30)]
+    assert [s for s, _ in acc_text(acc, "t")] == [0, 10, 20]
 
 
 def test_records_logged_from_several_threads_all_arrive(tmp_path):
