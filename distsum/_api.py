@@ -248,10 +248,10 @@ def _scalar_key(subrun: str, tag: str, reduce: Any) -> tuple[Any, ...]:
     """The series key of a scalar tag (``Client.add``), checked once and then cached."""
     cache_key = (subrun, tag, reduce)
     try:
-        series = _scalar_keys.get(cache_key)
+        key = _scalar_keys.get(cache_key)
     except TypeError:  # an unhashable tag or reduce: the checks below say what is wrong
-        series = None
-    if series is None:
+        key = None
+    if key is None:
         _validate.check_tag(tag)
         ops = (reduce,) if isinstance(reduce, str) else reduce
         if not isinstance(ops, tuple) or not ops or not all(op in _REDUCE for op in ops):
@@ -260,11 +260,13 @@ def _scalar_key(subrun: str, tag: str, reduce: Any) -> tuple[Any, ...]:
             )
         if len(set(ops)) != len(ops):
             raise ValueError(f"reduce for tag {tag!r} repeats an operation: {reduce!r}")
-        series = _scalar_keys[cache_key] = (SCALAR, subrun, tag, tuple(_REDUCE[op] for op in ops), 0)
-    return series
+        key = _scalar_keys[cache_key] = (SCALAR, subrun, tag, tuple(_REDUCE[op] for op in ops), 0)
+    return key
 
 
 class ScalarCall(Protocol):
+    """The signature of ``distsum.scalar`` and ``Writer.scalar``."""
+
     def __call__(
         self, tag: str, value: Any, step: int, *, reduce: str | tuple[str, ...] = "mean"
     ) -> None: ...
