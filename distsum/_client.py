@@ -373,8 +373,8 @@ class Client:
                 last_sent = now
             if due:
                 next_round = now + options.batch_interval
-            if self._unsent is not None:
-                # Not connected yet (the aggregator is starting, say), or the pipe was full.
+            if self._unsent is not None and events.get(self._socket, 0) & zmq.POLLOUT:
+                # It was not connected (the aggregator was starting, say), or the pipe was full.
                 self._unsent = self._send_from(self._unsent)
             if self._unacked and now - last_progress >= options.resend_after:
                 # No acknowledgement for a while: anything may have been lost on the way.
