@@ -135,6 +135,7 @@ class _Rows(array.array):
     __slots__ = ()
 
     def clear(self) -> None:
+        """Forget every queued row, as ``deque.clear`` (a flush whose marker goes times out)."""
         del self[:]
 
 
