@@ -259,7 +259,8 @@ class Client:
 
     def add(self, record: tuple[Any, int, Any, float]) -> None:
         key, step, payload, wall = record
-        self.put(series_of(*key), step, payload, wall)
+        number = _series_numbers.get(key)
+        self.put(series_of(*key) if number is None else number, step, payload, wall)
 
     def put(self, series: int, step: int, payload: Any, wall: float) -> None:
         """Queue one record of series number ``series`` (``series_of``; see ``add``)."""
