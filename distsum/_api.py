@@ -8,6 +8,7 @@ directory and the job id, so the other ranks on the machine find it with no conf
 
 from __future__ import annotations
 
+import array
 import atexit
 import hashlib
 import os
@@ -16,12 +17,12 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from distsum import _validate
-from distsum._client import HISTOGRAM, IMAGES, SCALAR, TEXT, Client, ClientOptions
+from distsum._client import EXACT_STEPS, HISTOGRAM, IMAGES, SCALAR, TEXT, Client, ClientOptions, series_of
 from distsum._embedded import EmbeddedAggregator
 from distsum._errors import DistsumError
 from distsum._image import prepare_images
@@ -78,6 +79,20 @@ class _State:
 _state: _State | None = None
 _lock = threading.Lock()
 _atexit_registered = False
+
+# The scalar calls append rows to the client's queue themselves (Client.scalar_rows) while it is
+# shorter than _row_limit. Without a client usable in this process (not initialised, finished, a
+# forked child) the limit is 0, so they go through Client.put, which says why it refuses.
+_rows: array.array[float] = array.array("d")
+_row_limit = 0
+
+
+def _forget_rows_in_child() -> None:
+    global _row_limit
+    _row_limit = 0
+
+
+os.register_at_fork(after_in_child=_forget_rows_in_child)
 
 
 def _launcher_env() -> tuple[int | None, int | None]:
@@ -149,7 +164,7 @@ def init(
     file) with ``curve_server_key`` (the aggregator's public key file) for an aggregator that
     requires CURVE authentication (else ``DISTSUM_CURVE_RANK_SECRET``, ``DISTSUM_CURVE_SERVER_KEY``).
     """
-    global _state, _atexit_registered
+    global _state, _atexit_registered, _rows, _row_limit
     env_rank, env_size = _launcher_env()
     if world_size is None:
         # Without a rank either, a process that no launcher started is a job of its own; given
@@ -206,6 +221,7 @@ def init(
             keys=keys,
         )
         _state = _State(client, run_dir, aggregator)
+        _rows, _row_limit = client.scalar_rows()
         if not _atexit_registered:
             atexit.register(_finish_at_exit)
             _atexit_registered = True
@@ -229,8 +245,12 @@ _scalar_keys: dict[tuple[str, str, Any], tuple[Any, ...]] = {}
 
 
 def _scalar_key(subrun: str, tag: str, reduce: Any) -> tuple[Any, ...]:
+    """The series key of a scalar tag (``Client.add``), checked once and then cached."""
     cache_key = (subrun, tag, reduce)
-    key = _scalar_keys.get(cache_key)
+    try:
+        key = _scalar_keys.get(cache_key)
+    except TypeError:  # an unhashable tag or reduce: the checks below say what is wrong
+        key = None
     if key is None:
         _validate.check_tag(tag)
         ops = (reduce,) if isinstance(reduce, str) else reduce
@@ -244,20 +264,63 @@ def _scalar_key(subrun: str, tag: str, reduce: Any) -> tuple[Any, ...]:
     return key
 
 
+class ScalarCall(Protocol):
+    """The signature of ``distsum.scalar`` and ``Writer.scalar``."""
+
+    def __call__(
+        self, tag: str, value: Any, step: int, *, reduce: str | tuple[str, ...] = "mean"
+    ) -> None: ...
+
+
+_MEAN = "mean"
+_EXACT_BITS = EXACT_STEPS.bit_length() - 1
+_time = time.time
+
+
+def _scalar_call(subrun: str) -> ScalarCall:
+    """The scalar call of one sub-run: the hot path of a training loop, so one flat function.
+
+    The common case is a dict lookup, two type checks, a length check and one append of a row;
+    anything else (a new tag, another reduction, a value that is not a float, a step that is not
+    a plain int, no usable client) takes the full path, with the same checks and errors.
+    """
+    by_tag: dict[str, int] = {}  # series numbers for reduce="mean" (the default object itself)
+
+    def scalar(tag: str, value: Any, step: int, *, reduce: str | tuple[str, ...] = _MEAN) -> None:
+        """Log a scalar; across ranks it is reduced with ``reduce`` (mean, sum, min, max, none)."""
+        try:
+            series = by_tag[tag] if reduce is _MEAN else None
+        except (KeyError, TypeError):  # a new tag, or not even hashable
+            series = None
+        if series is None:
+            series = series_of(*_scalar_key(subrun, tag, reduce))
+            if reduce is _MEAN:
+                by_tag[tag] = series
+        if type(value) is not float:
+            value = _validate.as_scalar(value, tag)
+        # A negative step and one a double cannot hold exactly both shift to nonzero.
+        if type(step) is not int or step >> _EXACT_BITS:
+            step = _validate.check_step(step, tag)
+            if step >= EXACT_STEPS:
+                client().put(series, step, value, _time())
+                return
+        rows = _rows
+        if len(rows) < _row_limit:
+            rows.fromlist([series, step, value, _time()])
+        else:
+            client().put(series, step, value, _time())  # refuses, or drops and counts
+
+    return scalar
+
+
 class Writer:
     """The logging calls, writing to one sub-run of the job's run (``distsum.writer(name)``)."""
 
+    scalar: ScalarCall
+
     def __init__(self, subrun: str = "") -> None:
         self.subrun = check_run_name(subrun, "sub-run")
-
-    def scalar(self, tag: str, value: Any, step: int, *, reduce: str | tuple[str, ...] = "mean") -> None:
-        """Log a scalar; across ranks it is reduced with ``reduce`` (mean, sum, min, max, none)."""
-        key = _scalar_key(self.subrun, tag, reduce)
-        if type(value) is not float:
-            value = _validate.as_scalar(value, tag)
-        if type(step) is not int or step < 0:
-            step = _validate.check_step(step, tag)
-        client().add((key, step, value, time.time()))
+        self.scalar = _scalar_call(self.subrun)
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
         """Log a histogram; across ranks, the histogram of all ranks' values together."""
@@ -300,9 +363,17 @@ image = _root.image
 text = _root.text
 
 
+_writers: dict[str, Writer] = {}
+
+
 def writer(name: str) -> Writer:
     """The logging calls for sub-run ``<run>/<name>``, e.g. ``distsum.writer("test")``."""
-    return Writer(name)
+    # One per name, so a loop that calls distsum.writer(name).scalar(...) keeps its tag cache.
+    found = _writers.get(name) if isinstance(name, str) else None
+    if found is None:
+        found = Writer(name)
+        _writers[name] = found
+    return found
 
 
 def flush(timeout: float | None = 30.0) -> bool:
@@ -316,12 +387,13 @@ def finish(timeout: float | None = 30.0) -> bool:
     On rank 0 with the embedded aggregator, also waits (within the same timeout) for the
     aggregator to finish writing the other ranks' records.
     """
-    global _state
+    global _state, _row_limit
     with _lock:
         state = _state
         if state is None or state.client.forked_away:
             return True
         _state = None
+        _row_limit = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     if state.aggregator is not None:
         # It exits once every rank has finished, this one included: not a crash to recover from.

@@ -1,17 +1,27 @@
 """The rank side: records go on a queue in the training thread; one thread batches and sends them.
 
-The training thread only validates and appends a tuple to a deque (thread-safe without a lock).
-The sender thread owns the ZeroMQ socket: it drains the deque every ``batch_interval``, does the
-expensive work there (histogram bucketing, PNG encoding, protobuf), numbers each batch, sends it,
-and keeps it until the aggregator acknowledges it as durable, resending what was not
-acknowledged. So a batch lost with a connection or an aggregator is sent again, and the
-aggregator drops the copies it already has by (run, rank, stream, seq).
+The training thread only validates and appends to the queue. The sender thread owns the ZeroMQ
+socket: every ``batch_interval`` it drains the queue, does the expensive work there (histogram
+bucketing, PNG encoding, protobuf), numbers each batch, sends it, and keeps it until the
+aggregator acknowledges it as durable, resending what was not acknowledged. So a batch lost with
+a connection or an aggregator is sent again, and the aggregator drops the copies it already has by
+(run, rank, stream, seq). Between rounds it waits on the socket and a wake-up pipe together, so
+acknowledgements are read as they arrive and a flush goes out at once.
+
+The queue is an ``array('d')`` of rows of four doubles, ``(series, step, value, wall time)``: a
+scalar costs the training thread one ``fromlist`` and the sender no Python object at all, since
+the rows become numpy columns in one copy. Any other record (and every flush marker) waits in
+``_breaks`` under a number, and a row ``(-1, number, 0, 0)`` holds its place in the queue.
 """
 
 from __future__ import annotations
 
+import array
 import collections
+import contextlib
+import itertools
 import logging
+import math
 import os
 import random
 import socket
@@ -20,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 
 from distsum._errors import DistsumError
@@ -29,15 +40,15 @@ from distsum._proto import wire_pb2
 from distsum._security import ClientKeys
 from distsum._spool import Retained, remove_orphans
 from distsum._wire import (
+    ScalarColumns,
     WireError,
     add_histogram,
     decode_ack,
     encode_batch,
     encode_series_table,
-    set_scalar_columns,
 )
 
-__all__ = ["Client", "ClientOptions"]
+__all__ = ["Client", "ClientOptions", "Series", "series_of"]
 
 # Counts the forks this process descends from: a client made before a fork is unusable in the
 # child (its socket and sender thread stayed in the parent). Compared on every logging call,
@@ -57,6 +68,14 @@ log = logging.getLogger("distsum")
 SCALAR, HISTOGRAM, IMAGES, TEXT = wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.IMAGES, wire_pb2.TEXT
 # Events passed through unmerged (wire Raw records); they have no series.
 RAW = "raw"
+
+# Doubles hold every integer below 2**53 exactly: a step at or beyond it is queued as a record of
+# its own, not as a row.
+EXACT_STEPS = 1 << 53
+# What a scalar adds to a batch: its four column entries.
+_SCALAR_BYTES = 28
+# Series tables kept by the sender; beyond this many, it starts over.
+_MAX_TABLES = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +99,50 @@ class ClientOptions:
     spool_dir: str | None = None
 
 
+class Series:
+    """One series, ``(kind, subrun, tag, reduce, max_outputs)``."""
+
+    __slots__ = ("kind", "max_outputs", "reduce", "subrun", "tag")
+
+    def __init__(self, kind: Any, subrun: str, tag: str, reduce: tuple[Any, ...], max_outputs: int) -> None:
+        self.kind, self.subrun, self.tag = kind, subrun, tag
+        self.reduce, self.max_outputs = reduce, max_outputs
+
+
+# Every series this process has logged, by number: the queue's rows carry the number.
+_series: list[Series] = []
+_series_numbers: dict[tuple[Any, ...], int] = {}
+_series_lock = threading.Lock()
+
+
+def series_of(kind: Any, subrun: str, tag: str, reduce: tuple[Any, ...], max_outputs: int) -> int:
+    """The number of this series in this process (not validated: the front ends check it)."""
+    key = (kind, subrun, tag, reduce, max_outputs)
+    number = _series_numbers.get(key)
+    if number is None:
+        with _series_lock:
+            number = _series_numbers.get(key)
+            if number is None:
+                _series.append(Series(kind, subrun, tag, reduce, max_outputs))
+                number = _series_numbers[key] = len(_series) - 1
+    return number
+
+
+class _Rows(array.array):
+    """The record queue: rows of four doubles, appended whole by ``fromlist``.
+
+    ``fromlist`` is one C call that runs no Python code for ints and floats, so rows from
+    different threads never interleave. Its buffer is never exported (the sender copies a slice):
+    an export would make every append fail while it lasts.
+    """
+
+    __slots__ = ()
+
+    def clear(self) -> None:
+        """Forget every queued row, as ``deque.clear`` (a flush whose marker goes times out)."""
+        del self[:]
+
+
 class _Marker:
     """A flush or finish request in the record queue; ``seq`` is the batch that carried it."""
 
@@ -90,12 +153,21 @@ class _Marker:
         self.seq: int | None = None
 
 
+class _Record:
+    """A record that is not a row: a histogram, images, text, a raw event, a scalar of a huge step."""
+
+    __slots__ = ("payload", "series", "step", "wall")
+
+    def __init__(self, series: int, step: int, payload: Any, wall: float) -> None:
+        self.series, self.step, self.payload, self.wall = series, step, payload, wall
+
+
 class Client:
     """One rank's connection to the aggregator.
 
-    A series key is ``(kind, subrun, tag, reduce, max_outputs)``; ``add`` takes
-    ``(key, step, payload, wall_time)`` where payload is a float (scalar), an array of histogram
-    values (bucketed on the sender thread) or a ``Histogram``, a list of HWC uint8 arrays or
+    ``add`` takes ``(key, step, payload, wall_time)`` where the key is ``(kind, subrun, tag,
+    reduce, max_outputs)`` and the payload a float (scalar), an array of histogram values
+    (bucketed on the sender thread) or a ``Histogram``, a list of HWC uint8 arrays or
     ``EncodedImage`` (images), a str (text), or, for kind ``RAW``, a serialized Event.
     """
 
@@ -124,7 +196,17 @@ class Client:
         self._generation = _fork_generation
         # The first held batch not yet handed to the socket (None: all were).
         self._unsent: int | None = None
-        self._queue: collections.deque[Any] = collections.deque()
+        self._queue = _Rows("d")
+        self._row_limit = 4 * self.options.max_buffered
+        self._breaks: dict[int, _Record | _Marker] = {}
+        self._break_numbers = itertools.count()
+        # The sender's rows taken off the queue and not yet batched, from _row on; _stops lists
+        # the places in them that hold a break.
+        self._rows = np.empty((0, 4))
+        self._row = 0
+        self._stops: collections.deque[int] = collections.deque()
+        self._previous: list[_Record] = []
+        self._tables: dict[bytes, bytes] = {}
         self.dropped = 0
         self._warned = False
         self._seq = 0
@@ -138,7 +220,12 @@ class Client:
         self._durable = 0
         self.world_size = world_size
         self._cond = threading.Condition()
-        self._wake = threading.Event()
+        # A byte in this pipe wakes the sender from its poll (a flush, or close). The lock keeps a
+        # flush in another thread from writing to the descriptor once close() has released it.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._wake_lock = threading.Lock()
         self._stop = False
         self._closed = False
         self._context = zmq.Context()
@@ -166,14 +253,29 @@ class Client:
         """Whether this is a forked child of the process that made the client (unusable here)."""
         return self._generation != _fork_generation
 
+    def scalar_rows(self) -> tuple[array.array[float], int]:
+        """The record queue and the length below which a row may be appended to it directly.
+
+        A row is ``[series_of(...), step, value, wall_time]`` of a scalar series, with an int step
+        below ``EXACT_STEPS`` and a float value, appended with ``fromlist``. The caller must stop
+        once the client closes or the process forks (``put`` refuses then, saying why).
+        """
+        return self._queue, self._row_limit
+
     def add(self, record: tuple[Any, int, Any, float]) -> None:
+        key, step, payload, wall = record
+        number = _series_numbers.get(key)
+        self.put(series_of(*key) if number is None else number, step, payload, wall)
+
+    def put(self, series: int, step: int, payload: Any, wall: float) -> None:
+        """Queue one record of series number ``series`` (``series_of``; see ``add``)."""
         if self._generation != _fork_generation:
             raise DistsumError(
                 "distsum was initialised in a parent process; call distsum.init() in this child"
             )
         if self._closed:
             raise DistsumError("distsum.finish() was called; call distsum.init() to log again")
-        if len(self._queue) >= self.options.max_buffered:
+        if len(self._queue) >= self._row_limit:
             self.dropped += 1
             if not self._warned:
                 self._warned = True
@@ -182,7 +284,22 @@ class Client:
                     self.options.max_buffered,
                 )
             return
-        self._queue.append(record)
+        if _series[series].kind == SCALAR and step < EXACT_STEPS:
+            self._queue.fromlist([series, step, float(payload), wall])
+        else:
+            self._enqueue_break(_Record(series, step, payload, wall))
+
+    def _enqueue_break(self, entry: _Record | _Marker) -> None:
+        number = next(self._break_numbers)
+        # The entry before its row: the sender, having found the row, must find the entry.
+        self._breaks[number] = entry
+        self._queue.fromlist([-1.0, number, 0.0, 0.0])
+
+    def _wake(self) -> None:
+        # A full pipe holds wake-ups the sender has yet to read: it wakes anyway.
+        with self._wake_lock, contextlib.suppress(BlockingIOError):
+            if self._wake_write >= 0:
+                os.write(self._wake_write, b"\0")
 
     def flush(self, timeout: float | None, *, finish: bool = False) -> bool:
         """Wait until the aggregator holds everything added before this call (durable if finish)."""
@@ -193,8 +310,8 @@ class Client:
                 "distsum was initialised in a parent process; call distsum.init() in this child"
             )
         marker = _Marker(finish)
-        self._queue.append(marker)
-        self._wake.set()
+        self._enqueue_break(marker)
+        self._wake()
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def done() -> bool:
@@ -219,87 +336,175 @@ class Client:
         ok = self.flush(timeout, finish=True)
         self._closed = True
         self._stop = True
-        self._wake.set()
+        self._wake()
         self._thread.join()
         self._socket.close(linger=0)
         self._context.term()
+        with self._wake_lock:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._wake_write = -1
         self._unacked.close()
         return ok
 
     # --- sender thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        last_sent = last_progress = time.monotonic()
+        options = self.options
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        watching_out = False
+        now = time.monotonic()
+        last_sent = last_progress = now
+        next_round = now + options.batch_interval
         while not self._stop:
-            self._wake.wait(self.options.batch_interval)
-            self._wake.clear()
+            if (self._unsent is not None) != watching_out:
+                # While a batch waits for the socket, wake as soon as it can take one (IMMEDIATE:
+                # a completed connection, say to an aggregator that has just started).
+                watching_out = not watching_out
+                poller.modify(self._socket, (zmq.POLLIN | zmq.POLLOUT) if watching_out else zmq.POLLIN)
+            wake_at = min(next_round, last_sent + options.heartbeat)
+            if self._unacked:
+                wake_at = min(wake_at, last_progress + options.resend_after)
+            events = dict(poller.poll(max(0, math.ceil((wake_at - time.monotonic()) * 1000))))
             now = time.monotonic()
-            while self._queue or now - last_sent >= self.options.heartbeat:
-                records, markers = self._drain()
-                batch = self._build(records, markers)
-                self._seq += 1
-                batch.seq = self._seq
-                data = encode_batch(batch)
-                self._unacked.add(self._seq, data, len(records))
-                for marker in markers:
-                    marker.seq = self._seq
-                # In order: while an earlier batch waits to be handed to the socket, this one does too.
-                if self._unsent is None and not self._send(data):
-                    self._unsent = self._seq
-                last_sent = now
-                if len(records) < self.options.max_batch_records:
-                    break
-            if self._unsent is not None:
-                # Not connected yet (the aggregator is starting, say): try again every round
-                # rather than waiting out resend_after.
-                self._unsent = self._send_from(self._unsent)
-            if self._receive_acks():
+            woken = self._wake_read in events
+            if woken:
+                self._read_wake_ups()
+            if events.get(self._socket, 0) & zmq.POLLIN and self._receive_acks():
                 last_progress = now
-            if self._unacked and now - last_progress >= self.options.resend_after:
+            due = woken or now >= next_round
+            if (due and self._queued()) or now - last_sent >= options.heartbeat:
+                self._send_batches()
+                last_sent = now
+            if due:
+                next_round = now + options.batch_interval
+            if self._unsent is not None and events.get(self._socket, 0) & zmq.POLLOUT:
+                # It was not connected (the aggregator was starting, say), or the pipe was full.
+                self._unsent = self._send_from(self._unsent)
+            if self._unacked and now - last_progress >= options.resend_after:
                 # No acknowledgement for a while: anything may have been lost on the way.
                 first = self._unacked.first()
                 self._unsent = None if first is None else self._send_from(first)
                 last_progress = now
+        self._previous = []
 
-    def _drain(self) -> tuple[list[Any], list[_Marker]]:
-        records: list[Any] = []
+    def _read_wake_ups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_read, 4096):
+                pass
+
+    def _queued(self) -> bool:
+        return self._row < len(self._rows) or len(self._queue) > 0
+
+    def _send_batches(self) -> None:
+        """Batch everything queued (at least one batch: an empty one is a heartbeat)."""
+        while True:
+            rows, others, markers, cut = self._drain()
+            # The previous batch's payloads (histogram values) are let go only now, while the
+            # training thread is making the next ones: freed all at once between rounds, they
+            # leave the top of the heap free and malloc returns it to the kernel, so every copy
+            # of the next burst page-faults fresh memory in (several times the cost of a copy).
+            self._previous, previous = others, self._previous
+            del previous
+            self._seq += 1
+            data = self._encode(rows, others, markers)
+            self._unacked.add(self._seq, data, len(rows) + len(others))
+            for marker in markers:
+                marker.seq = self._seq
+            # In order: while an earlier batch waits to be handed to the socket, this one does too.
+            if self._unsent is None and not self._send(data):
+                self._unsent = self._seq
+            if not (cut and self._queued()):
+                return
+
+    def _drain(self) -> tuple[np.ndarray, list[_Record], list[_Marker], bool]:
+        """The next batch's records: scalar rows, other records, the flush marker that ends it.
+
+        The last item says whether the batch was cut short (by a marker or a limit) rather than
+        taking everything queued.
+        """
+        record_limit, byte_limit = self.options.max_batch_records, self.options.max_batch_bytes
+        blocks: list[np.ndarray] = []
+        others: list[_Record] = []
         markers: list[_Marker] = []
-        queue, limit, byte_limit = self._queue, self.options.max_batch_records, self.options.max_batch_bytes
-        size = 0
-        while queue and len(records) < limit and size < byte_limit:
-            item = queue.popleft()
-            if isinstance(item, _Marker):
-                markers.append(item)
-                break  # a flush covers what came before it; the rest goes in the next batch
-            records.append(item)
-            size += _payload_bytes(item[0][0], item[2])
-        return records, markers
-
-    def _build(self, records: list[Any], markers: list[_Marker]) -> wire_pb2.Batch:
-        batch = wire_pb2.Batch()
-        batch.origin.CopyFrom(self._origin)
-        series: dict[Any, int] = {}
-        scalar_series, scalar_step, scalar_value, scalar_time = [], [], [], []
-        for key, step, payload, wall in records:
-            if key[0] == RAW:
-                batch.raws.add(subrun=key[1], event=payload)
+        count = size = 0
+        cut = True
+        while True:
+            room = min(record_limit - count, -(-(byte_limit - size) // _SCALAR_BYTES))
+            if room <= 0:
+                if count:
+                    break
+                room = 1  # whatever the limits, a batch takes a record: the queue moves on
+            if self._row == len(self._rows) and not self._take_rows(room):
+                cut = False
+                break
+            stop = self._stops[0] if self._stops else len(self._rows)
+            end = min(stop, self._row + room)
+            if end > self._row:
+                blocks.append(self._rows[self._row : end])
+                count += end - self._row
+                size += (end - self._row) * _SCALAR_BYTES
+                self._row = end
                 continue
-            index = series.get(key)
-            if index is None:
-                index = series[key] = len(series)
-            kind = key[0]
-            if kind == SCALAR:
-                scalar_series.append(index)
-                scalar_step.append(step)
-                scalar_value.append(payload)
-                scalar_time.append(wall)
-            elif kind == HISTOGRAM:
-                histogram = (
-                    payload if isinstance(payload, Histogram) else Histogram.from_values(payload, tag=key[2])
-                )
-                add_histogram(batch, index, step, wall, histogram)
-            elif kind == IMAGES:
-                images = batch.images.add(series=index, step=step, wall_time=wall)
+            # At a break, with room for it.
+            self._stops.popleft()
+            self._row += 1
+            entry = self._breaks.pop(int(self._rows[stop, 1]))
+            if isinstance(entry, _Marker):
+                markers.append(entry)  # a flush covers what came before it; the rest goes next
+                break
+            others.append(entry)
+            count += 1
+            size += _payload_bytes(_series[entry.series].kind, entry.payload)
+        rows = blocks[0] if len(blocks) == 1 else np.concatenate(blocks) if blocks else self._rows[:0]
+        return rows, others, markers, cut
+
+    def _take_rows(self, room: int) -> bool:
+        """Move up to ``room`` rows from the front of the queue to the sender's; False if none."""
+        n = min(len(self._queue) // 4, room)
+        if n == 0:
+            return False
+        # A copy, then a delete: the training thread only appends, so the front stays put between.
+        taken = self._queue[: 4 * n]
+        del self._queue[: 4 * n]
+        self._rows = np.frombuffer(taken, dtype=np.float64).reshape(n, 4)
+        self._row = 0
+        self._stops = collections.deque(np.flatnonzero(self._rows[:, 0] < 0).tolist())
+        return True
+
+    def _encode(self, rows: np.ndarray, others: list[_Record], markers: list[_Marker]) -> bytes:
+        batch = wire_pb2.Batch(seq=self._seq)
+        batch.origin.CopyFrom(self._origin)
+        numbers, steps = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+        values, walls = rows[:, 2], rows[:, 3]
+        huge = [r for r in others if _series[r.series].kind == SCALAR]
+        if huge:
+            numbers = np.concatenate([numbers, [r.series for r in huge]])
+            steps = np.concatenate([steps, np.array([r.step for r in huge], dtype=np.int64)])
+            values = np.concatenate([values, [float(r.payload) for r in huge]])
+            walls = np.concatenate([walls, [r.wall for r in huge]])
+        # Each series used once per batch, in the order of their numbers in this process.
+        used = np.zeros(len(_series), dtype=bool)
+        used[numbers] = True
+        for record in others:
+            used[record.series] = _series[record.series].kind != RAW
+        present = np.flatnonzero(used)
+        index = np.zeros(len(used), dtype=np.int64)
+        index[present] = np.arange(len(present))
+        batch.series_table = self._series_table(present)
+        for record in others:
+            series, step, payload, wall = _series[record.series], record.step, record.payload, record.wall
+            i = int(index[record.series])
+            if series.kind == RAW:
+                batch.raws.add(subrun=series.subrun, event=payload)
+            elif series.kind == HISTOGRAM:
+                if not isinstance(payload, Histogram):
+                    payload = Histogram.from_values(payload, tag=series.tag)
+                add_histogram(batch, i, step, wall, payload)
+            elif series.kind == IMAGES:
+                images = batch.images.add(series=i, step=step, wall_time=wall)
                 for pixels in payload:
                     encoded = pixels if isinstance(pixels, EncodedImage) else encode_png(pixels)
                     images.image.add(
@@ -308,18 +513,30 @@ class Client:
                         colorspace=encoded.colorspace,
                         png=encoded.png,
                     )
-            else:
-                batch.texts.add(series=index, step=step, wall_time=wall, text=payload)
-        batch.series_table = encode_series_table(
-            (subrun, tag, kind, reduce, max_outputs) for kind, subrun, tag, reduce, max_outputs in series
-        )
-        set_scalar_columns(batch, scalar_series, scalar_step, scalar_value, scalar_time)
+            elif series.kind == TEXT:
+                batch.texts.add(series=i, step=step, wall_time=wall, text=payload)
         batch.flush = bool(markers)
         batch.finish = any(m.finish for m in markers)
         first = self._unacked.first()
-        batch.resend_from = self._seq + 1 if first is None else first
+        batch.resend_from = self._seq if first is None else first
         batch.dropped = self.dropped + self._unacked.dropped_records
-        return batch
+        return encode_batch(batch, ScalarColumns(index[numbers], steps, values, walls))
+
+    def _series_table(self, present: np.ndarray) -> bytes:
+        """The series table of a batch that uses the series numbered ``present``, ascending.
+
+        A rank's batches mostly use the same series, so the table is made once and kept.
+        """
+        key = present.tobytes()
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= _MAX_TABLES:
+                self._tables.clear()
+            series = [_series[n] for n in present.tolist()]
+            table = self._tables[key] = encode_series_table(
+                (s.subrun, s.tag, s.kind, s.reduce, s.max_outputs) for s in series
+            )
+        return table
 
     def _send_from(self, first: int) -> int | None:
         """Send the held batches from ``first`` on, in order; the first that did not go, if any."""
@@ -362,10 +579,10 @@ class Client:
         return progress
 
 
-def _payload_bytes(kind: int, payload: Any) -> int:
-    """About how many bytes a record adds to a batch (an upper bound for images and text)."""
+def _payload_bytes(kind: Any, payload: Any) -> int:
+    """About how many bytes a record that is not a row adds to a batch (an upper bound)."""
     if kind == SCALAR:
-        return 28
+        return _SCALAR_BYTES
     if kind == HISTOGRAM:
         return 20_000  # sparse counts on 1551 buckets at most
     if kind == IMAGES:

@@ -31,7 +31,7 @@ from google.protobuf import struct_pb2
 
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage, encode_png
-from distsum._proto import event_pb2, hparams_pb2, summary_pb2, types_pb2
+from distsum._proto import event_pb2, hparams_pb2, summary_pb2, types_pb2, varint
 
 __all__ = [
     "HistogramItem",
@@ -72,8 +72,8 @@ class ScalarTags:
         for tag in self.tags:
             # Summary.value (field 1) holding Value{tag (1): str, simple_value (2): float}.
             name = tag.encode("utf-8")
-            value = b"\x0a" + _varint(len(name)) + name + b"\x15"
-            prefix = b"\x0a" + _varint(len(value) + 4) + value
+            value = b"\x0a" + varint(len(name)) + name + b"\x15"
+            prefix = b"\x0a" + varint(len(value) + 4) + value
             parts += (prefix, bytes(4))
             offset += len(prefix)
             slots.append(offset)
@@ -105,15 +105,6 @@ class ScalarBlock:
     def items(self) -> list[ScalarItem]:
         values = self.values.tolist()
         return [ScalarItem(tag, value) for tag, value in zip(self.tags.tags, values, strict=True)]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +235,7 @@ def event_bytes(step: int, wall_time: float, items: Iterable[Item]) -> bytes:
     summary = summary_bytes(items)
     # Event.summary is field 5, length-delimited: tag byte 0x2a.
     head = event_pb2.Event(wall_time=wall_time, step=step).SerializeToString()
-    return b"".join((head, b"\x2a", _varint(len(summary)), summary))
+    return b"".join((head, b"\x2a", varint(len(summary)), summary))
 
 
 def item_from_value(value: summary_pb2.Summary.Value) -> Item:

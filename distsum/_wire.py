@@ -15,7 +15,7 @@ import numpy as np
 
 from distsum import _validate
 from distsum._histogram import Histogram
-from distsum._proto import event_pb2, wire_pb2
+from distsum._proto import event_pb2, varint, wire_pb2
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -76,10 +76,18 @@ def encode_ack(stream: int, received: int, durable: int, world_size: int) -> byt
     return envelope.SerializeToString()
 
 
-def encode_batch(batch: wire_pb2.Batch) -> bytes:
-    envelope = wire_pb2.Envelope(version=PROTOCOL_VERSION)
-    envelope.batch.CopyFrom(batch)
-    return envelope.SerializeToString()
+def encode_batch(batch: wire_pb2.Batch, scalars: ScalarColumns | None = None) -> bytes:
+    """One wire message: ``batch``, with the scalar records ``scalars`` if given, in an Envelope."""
+    if scalars is not None:
+        set_scalar_columns(batch, *scalars)
+    data = batch.SerializeToString()
+    # What protobuf writes for Envelope(version=..., batch=batch), without copying the batch.
+    return b"".join((_ENVELOPE_VERSION, _BATCH_TAG, varint(len(data)), data))
+
+
+_ENVELOPE_VERSION = wire_pb2.Envelope(version=PROTOCOL_VERSION).SerializeToString()
+# Envelope.batch: its field number, length-delimited (wire type 2).
+_BATCH_TAG = varint(wire_pb2.Envelope.DESCRIPTOR.fields_by_name["batch"].number << 3 | 2)
 
 
 def _envelope(frame: bytes) -> wire_pb2.Envelope:

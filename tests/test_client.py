@@ -1,0 +1,304 @@
+"""The rank's client against a real aggregator: prompt flushes, every record delivered, exact columns."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import distsum
+from distsum._histogram import Histogram
+from distsum._proto import wire_pb2
+from distsum._wire import (
+    PROTOCOL_VERSION,
+    ScalarColumns,
+    add_histogram,
+    encode_batch,
+    encode_series_table,
+    scalar_columns,
+)
+from tests.tbreaders import acc_histograms, acc_scalars, acc_text, accumulate
+
+# Bounds on how long a prompt flush may take: generous, since the machine may be busy; the
+# behaviour they tell apart is a flush that waits for the sender's next round (seconds here).
+PROMPT = 2.5
+
+
+def start_daemon(logdir, addr):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distsum.aggregator", "--logdir", str(logdir), "--bind", addr],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert "listening on" in line, line + proc.stderr.read()
+    return proc
+
+
+def stop_daemon(proc):
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+
+def timed(call):
+    start = time.monotonic()
+    result = call()
+    return result, time.monotonic() - start
+
+
+# --- the wire ---------------------------------------------------------------------------------
+
+
+def batch_around_scalars(seed: int) -> wire_pb2.Batch:
+    """A batch with fields before the scalar columns and after them."""
+    batch = wire_pb2.Batch(seq=3 + seed, flush=True, finish=bool(seed % 2), resend_from=2, dropped=seed)
+    batch.origin.run, batch.origin.rank, batch.origin.stream, batch.origin.host = "job", 1, 2**63 + 7, "h"
+    batch.series_table = encode_series_table(
+        ("", f"t{i}", wire_pb2.SCALAR, [wire_pb2.MEAN], 0) for i in range(seed * 40)
+    )
+    if seed % 3:
+        add_histogram(batch, 0, 5, 1.5, Histogram.from_values(np.arange(50.0), tag="h"))
+        batch.texts.add(series=0, step=1, wall_time=2.0, text="hi")
+        batch.raws.add(subrun="x", event=b"\x09" + bytes(8))
+    return batch
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_encoded_batch_is_the_envelope_protobuf_writes_and_its_columns_come_back(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    steps = rng.integers(0, 2**63 - 1, n, dtype=np.int64, endpoint=True)
+    series = rng.integers(0, 2**32 - 1, n, dtype=np.int64, endpoint=True)
+    values = rng.normal(0, 1e6, n)
+    values[:4] = [np.nan, np.inf, -np.inf, -0.0][: min(4, n)]
+    columns = ScalarColumns(series, steps, values, 1.7e9 + rng.random(n))
+    batch = batch_around_scalars(seed)
+    data = encode_batch(batch, columns)
+    expected = wire_pb2.Envelope(version=PROTOCOL_VERSION)
+    expected.batch.CopyFrom(batch)
+    assert data == expected.SerializeToString()
+    back = scalar_columns(wire_pb2.Envelope.FromString(data).batch)
+    for got, sent in zip(back, columns, strict=True):
+        assert np.array_equal(got, sent, equal_nan=True)
+    assert back.series.dtype == np.uint32 and back.steps.dtype == np.int64
+
+
+def test_a_batch_without_scalars_is_the_envelope_protobuf_writes():
+    for seed in range(3):
+        batch = batch_around_scalars(seed)
+        expected = wire_pb2.Envelope(version=PROTOCOL_VERSION)
+        expected.batch.CopyFrom(batch)
+        assert encode_batch(batch) == expected.SerializeToString()
+    assert (
+        encode_batch(wire_pb2.Batch())
+        == wire_pb2.Envelope(version=PROTOCOL_VERSION, batch={}).SerializeToString()
+    )
+
+
+# --- flush and finish -------------------------------------------------------------------------
+
+
+def test_flush_returns_once_the_aggregator_answers_not_at_the_next_batch_interval(tmp_path):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc = start_daemon(tmp_path / "runs", addr)
+    try:
+        distsum.init(0, 1, addr=addr, run="job", batch_interval=5.0)
+        for step in range(2):
+            for i in range(100):
+                distsum.scalar("x", float(i), 100 * step + i)
+            ok, took = timed(lambda: distsum.flush(10))
+            assert ok and took < PROMPT, f"flush took {took:.2f} s with batch_interval 5"
+        ok, took = timed(lambda: distsum.finish(10))
+        assert ok and took < PROMPT, f"finish took {took:.2f} s with batch_interval 5"
+    finally:
+        distsum.finish(5)
+        stop_daemon(proc)
+    assert acc_scalars(accumulate(tmp_path / "runs" / "job"), "x") == [
+        (s, float(s % 100)) for s in range(200)
+    ]
+
+
+def test_batches_refused_before_the_aggregator_binds_go_out_as_soon_as_it_does(tmp_path):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    distsum.init(0, 1, addr=addr, run="job", batch_interval=5.0)
+    proc = None
+    try:
+        for step in range(50):
+            distsum.scalar("x", float(step), step)
+        assert not distsum.flush(0.3)  # nobody there: the batch waits for a connection
+        proc = start_daemon(tmp_path / "runs", addr)
+        ok, took = timed(lambda: distsum.flush(10))
+        assert ok and took < PROMPT, f"flush took {took:.2f} s after the aggregator came up"
+        assert distsum.finish(30)
+    finally:
+        distsum.finish(5)
+        if proc is not None:
+            stop_daemon(proc)
+    assert acc_scalars(accumulate(tmp_path / "runs" / "job"), "x") == [(s, float(s)) for s in range(50)]
+
+
+def test_finish_with_the_embedded_aggregator_and_a_one_second_batch_interval(tmp_path):
+    # The embedded aggregator exits shortly after the last rank finished: the rank must have read
+    # its acknowledgement by then, not at its next round.
+    distsum.init(0, 1, logdir=str(tmp_path), batch_interval=1.0)
+    try:
+        for step in range(100):
+            distsum.scalar("loss", 0.5, step)
+        assert distsum.finish(30)
+    finally:
+        distsum.finish(5)
+    assert acc_scalars(accumulate(tmp_path), "loss") == [(s, 0.5) for s in range(100)]
+
+
+# --- what arrives -----------------------------------------------------------------------------
+
+
+def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_path):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc = start_daemon(tmp_path / "runs", addr)
+    rng = np.random.default_rng(7)
+    histograms = {}
+    # Small batches: cut by the record count, by the size of histograms, and by each flush.
+    distsum.init(0, 1, addr=addr, run="job", max_batch_records=7, max_batch_bytes=50_000)
+    try:
+        test = distsum.writer("test")
+        for step in range(40):
+            distsum.scalar("loss", step / 8, step)
+            distsum.scalar("sum", 1.0, step, reduce=("sum", "max"))
+            test.scalar("acc", np.float32(step / 4), np.int64(step))
+            if step % 3 == 0:
+                histograms[step] = rng.normal(step, 1.0, 500)
+                distsum.histogram("weights", histograms[step], step)
+            if step % 5 == 0:
+                distsum.text("note", f"step {step}", step)
+            if step % 11 == 0:
+                assert distsum.flush(30)
+        # Steps a double cannot hold exactly still arrive exactly.
+        for step in (2**53 - 1, 2**53, 2**53 + 1, 2**62 + 3, 2**63 - 1):
+            distsum.scalar("huge", 2.0, step)
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+        stop_daemon(proc)
+    acc = accumulate(tmp_path / "runs" / "job")
+    assert acc_scalars(acc, "loss") == [(s, s / 8) for s in range(40)]
+    assert acc_scalars(acc, "sum") == acc_scalars(acc, "sum/max") == [(s, 1.0) for s in range(40)]
+    assert acc_scalars(accumulate(tmp_path / "runs" / "job" / "test"), "acc") == [
+        (s, float(np.float32(s / 4))) for s in range(40)
+    ]
+    assert acc_scalars(acc, "huge") == [(s, 2.0) for s in (2**53 - 1, 2**53, 2**53 + 1, 2**62 + 3, 2**63 - 1)]
+    assert [s for s, _ in acc_histograms(acc, "weights")] == sorted(histograms)
+    for step, rows in acc_histograms(acc, "weights"):
+        expected = Histogram.from_values(histograms[step], tag="w").rows().astype(np.float32)
+        np.testing.assert_allclose(rows, expected)
+    assert [(s, str(t)) for s, t in acc_text(acc, "note")] == [
+        (s, f"**rank 0**\n\nstep {s}") for s in range(0, 40, 5)
+    ]
+
+
+@pytest.mark.parametrize("limits", [{"max_batch_records": 1}, {"max_batch_bytes": 1}])
+def test_batches_of_one_record_deliver_everything(tmp_path, limits):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc = start_daemon(tmp_path / "runs", addr)
+    distsum.init(0, 1, addr=addr, run="job", **limits)
+    try:
+        for step in range(30):
+            distsum.scalar("x", float(step), step)
+            if step % 10 == 0:
+                distsum.text("t", "a", step)
+                assert distsum.flush(30)
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+        stop_daemon(proc)
+    acc = accumulate(tmp_path / "runs" / "job")
+    assert acc_scalars(acc, "x") == [(s, float(s)) for s in range(30)]
+    assert [s for s, _ in acc_text(acc, "t")] == [0, 10, 20]
+
+
+def test_records_logged_from_several_threads_all_arrive(tmp_path):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc = start_daemon(tmp_path / "runs", addr)
+    steps = 3000
+    distsum.init(0, 1, addr=addr, run="job")
+    try:
+
+        def log(name):
+            for step in range(steps):
+                distsum.scalar(name, float(step), step)
+                if step % 500 == 0:
+                    distsum.text(f"{name}/text", name, step)
+
+        threads = [threading.Thread(target=log, args=(f"t{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+        stop_daemon(proc)
+    acc = accumulate(tmp_path / "runs" / "job")
+    for i in range(4):
+        assert acc_scalars(acc, f"t{i}") == [(s, float(s)) for s in range(steps)]
+        assert [s for s, _ in acc_text(acc, f"t{i}/text")] == list(range(0, steps, 500))
+
+
+def test_records_beyond_max_buffered_are_dropped_and_counted(tmp_path):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc = start_daemon(tmp_path / "runs", addr)
+    # The sender takes nothing until the flush: its round and heartbeat are far away.
+    distsum.init(0, 1, addr=addr, run="job", max_buffered=10, batch_interval=60.0, heartbeat=60.0)
+    try:
+        for step in range(25):
+            distsum.scalar("x", 1.0, step)
+        assert distsum.finish(30)
+    finally:
+        distsum.finish(5)
+        stop_daemon(proc)
+    acc = accumulate(tmp_path / "runs" / "job")
+    assert acc_scalars(acc, "x") == [(s, 1.0) for s in range(10)]
+    assert acc_scalars(acc, "distsum/dropped_records")[-1][1] == 15
+
+
+BAD_SCALARS = [
+    (lambda: distsum.scalar("bad", 1.0, True), TypeError, "step for tag 'bad'"),
+    (lambda: distsum.scalar("bad", 1.0, 2**63), ValueError, "step for tag 'bad'"),
+    (lambda: distsum.scalar("bad", 1.0, -(2**70)), ValueError, "step for tag 'bad'"),
+    (lambda: distsum.scalar("bad", True, 0), TypeError, "'bad'"),
+    (lambda: distsum.scalar(["bad"], 1.0, 0), TypeError, "tag must be a str"),
+    (lambda: distsum.scalar("bad", 1.0, 0, reduce=["sum"]), ValueError, "reduce for tag 'bad'"),
+    (lambda: distsum.writer("sub").scalar("", 1.0, 0), ValueError, "empty"),
+    (lambda: distsum.writer("sub").scalar("bad", 1.0, -1), ValueError, "step for tag 'bad'"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_SCALARS)
+def test_a_bad_scalar_is_an_error_at_the_call_before_and_after_init(tmp_path, call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+    distsum.init(0, 1, addr=f"ipc://{tmp_path}/nobody.sock", run="job")
+    try:
+        with pytest.raises(error, match=match):
+            call()
+    finally:
+        distsum.finish(0.1)
+
+
+def test_logging_without_init_or_after_finish_says_to_call_init(tmp_path):
+    with pytest.raises(distsum.DistsumError, match="init"):
+        distsum.scalar("x", 1.0, 0)
+    distsum.init(0, 1, addr=f"ipc://{tmp_path}/nobody.sock", run="job")
+    distsum.scalar("x", 1.0, 0)
+    distsum.finish(0.1)
+    with pytest.raises(distsum.DistsumError, match="init"):
+        distsum.scalar("x", 1.0, 1)
+    with pytest.raises(distsum.DistsumError, match="init"):
+        distsum.writer("test").scalar("x", 1.0, 1)
