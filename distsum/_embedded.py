@@ -48,6 +48,7 @@ class EmbeddedAggregator:
         self.restarts = 0
         self._process = self._start()
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
         self._finishing = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="distsum-embedded", daemon=True)
         self._watcher.start()
@@ -70,18 +71,20 @@ class EmbeddedAggregator:
             )
 
     def _watch(self) -> None:
-        while not self._stopping.wait(0.2):
-            code = self._process.poll()
-            if code is None:
-                continue
-            if code == 0 and self._finishing.is_set():
-                return  # the job is done and everything is written
-            # Killed or crashed, even while the job finishes: the ranks keep what it had not
-            # acknowledged as durable and resend it; the new one reads back what the old one wrote
-            # and takes the streams where they were.
-            log.warning("distsum: the embedded aggregator exited (code %s); starting it again", code)
-            self._process = self._start()
-            self.restarts += 1
+        while True:
+            # Blocks until the child exits: finish() learns at once that it is done.
+            code = self._process.wait()
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                if code == 0 and self._finishing.is_set():
+                    return  # the job is done and everything is written
+                # Killed or crashed, even while the job finishes: the ranks keep what it had not
+                # acknowledged as durable and resend it; the new one reads back what the old one
+                # wrote and takes the streams where they were.
+                log.warning("distsum: the embedded aggregator exited (code %s); starting it again", code)
+                self._process = self._start()
+                self.restarts += 1
 
     def finishing(self) -> None:
         """The job is finishing: an exit with status 0 from now on is the end, not a crash."""
@@ -94,8 +97,9 @@ class EmbeddedAggregator:
         self._watcher.join(timeout)
         if not self._watcher.is_alive():
             return True
-        self._stopping.set()
+        with self._lock:  # not while the watcher starts a new one
+            self._stopping.set()
+            self._process.terminate()
         self._watcher.join()
-        self._process.terminate()
         self._process.wait()
         return False
