@@ -306,19 +306,10 @@ class _Groups(NamedTuple):
     records: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # ranks, series, steps, values
 
 
-def _dense_groups(
-    ranks: np.ndarray,
-    series: np.ndarray,
-    steps: np.ndarray,
-    values: np.ndarray,
-    walls: np.ndarray,
-    lo: int,
-    hi: int,
-    n_series: int,
-    need: int,
-) -> _Groups | None:
+def _dense_groups(held: _Chunk, n_series: int, need: int) -> _Groups | None:
     """Group by counting into a (series, step) table, no sort; None when that table would be
     much larger than the records, or when a rank logged a (series, step) twice."""
+    ranks, series, steps, values, walls, lo, hi, _ = held
     span = hi - lo + 1
     slots = n_series * span
     n_ranks = int(_max(ranks)) + 1
@@ -347,19 +338,10 @@ def _dense_groups(
     )
 
 
-def _sorted_groups(
-    ranks: np.ndarray,
-    series: np.ndarray,
-    steps: np.ndarray,
-    values: np.ndarray,
-    walls: np.ndarray,
-    lo: int,
-    hi: int,
-    n_series: int,
-    need: int,
-) -> _Groups:
+def _sorted_groups(held: _Chunk, n_series: int, need: int) -> _Groups:
     """Group by sorting on (series, step, rank); a rank that logged a (series, step) twice counts
     with the last value it logged."""
+    ranks, series, steps, values, walls, lo, hi, _ = held
     m = series.size
     # Stable, so each rank's records stay in arrival order. One int64 key sorts faster than
     # lexsort's three passes when the ranges allow it.
@@ -1069,13 +1051,14 @@ class RunMerger:
         self._consolidated = len(keep)
         if not take:
             return
-        ranks, series, steps, values, walls, lo, hi, _ = _concat(take)
+        held = _concat(take)
+        lo, hi = held.lo, held.hi
         # Non-finite wall times (refused upstream, normally) take no part in a step's wall time.
-        walls = np.where(np.isfinite(walls), walls, -np.inf)
-        need = int(np.bitwise_or.reduce(self._opbits[series]))
-        groups = _dense_groups(ranks, series, steps, values, walls, lo, hi, len(self._series), need)
+        held = held._replace(walls=np.where(np.isfinite(held.walls), held.walls, -np.inf))
+        need = int(np.bitwise_or.reduce(self._opbits[held.series]))
+        groups = _dense_groups(held, len(self._series), need)
         if groups is None:
-            groups = _sorted_groups(ranks, series, steps, values, walls, lo, hi, len(self._series), need)
+            groups = _sorted_groups(held, len(self._series), need)
         group_series, group_steps, reductions, group_walls, (ranks, series, steps, values) = groups
 
         # The last step written per series.

@@ -17,30 +17,8 @@ import zmq
 import distsum
 from distsum._proto import wire_pb2
 from distsum._wire import encode_batch
+from tests.daemon import start_daemon, stop_daemon
 from tests.tbreaders import acc_scalars, accumulate, poll_until
-
-
-def start_daemon(logdir, *args):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distsum.aggregator", "--logdir", str(logdir), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("distsum-aggregator listening on tcp://127.0.0.1:"), line + proc.stderr.read()
-    return proc, line.split()[3].rstrip(",")
-
-
-def stop_daemon(proc) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    return proc.returncode, err
 
 
 def job(rank: int, addr: str, run: str, offset: float, errors) -> None:

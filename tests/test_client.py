@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,29 +19,12 @@ from distsum._wire import (
     encode_series_table,
     scalar_columns,
 )
+from tests.daemon import start_daemon, stop_daemon
 from tests.tbreaders import acc_histograms, acc_scalars, acc_text, accumulate
 
 # Bounds on how long a prompt flush may take: generous, since the machine may be busy; the
 # behaviour they tell apart is a flush that waits for the sender's next round (seconds here).
 PROMPT = 2.5
-
-
-def start_daemon(logdir, addr):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distsum.aggregator", "--logdir", str(logdir), "--bind", addr],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert "listening on" in line, line + proc.stderr.read()
-    return proc
-
-
-def stop_daemon(proc):
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
 
 
 def timed(call):
@@ -107,7 +87,7 @@ def test_a_batch_without_scalars_is_the_envelope_protobuf_writes():
 
 def test_flush_returns_once_the_aggregator_answers_not_at_the_next_batch_interval(tmp_path):
     addr = f"ipc://{tmp_path}/agg.sock"
-    proc = start_daemon(tmp_path / "runs", addr)
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     try:
         distsum.init(0, 1, addr=addr, run="job", batch_interval=5.0)
         for step in range(2):
@@ -119,7 +99,7 @@ def test_flush_returns_once_the_aggregator_answers_not_at_the_next_batch_interva
         assert ok and took < PROMPT, f"finish took {took:.2f} s with batch_interval 5"
     finally:
         distsum.finish(5)
-        stop_daemon(proc)
+        assert stop_daemon(proc)[0] == 0
     assert acc_scalars(accumulate(tmp_path / "runs" / "job"), "x") == [
         (s, float(s % 100)) for s in range(200)
     ]
@@ -133,14 +113,14 @@ def test_batches_refused_before_the_aggregator_binds_go_out_as_soon_as_it_does(t
         for step in range(50):
             distsum.scalar("x", float(step), step)
         assert not distsum.flush(0.3)  # nobody there: the batch waits for a connection
-        proc = start_daemon(tmp_path / "runs", addr)
+        proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
         ok, took = timed(lambda: distsum.flush(10))
         assert ok and took < PROMPT, f"flush took {took:.2f} s after the aggregator came up"
         assert distsum.finish(30)
     finally:
         distsum.finish(5)
         if proc is not None:
-            stop_daemon(proc)
+            assert stop_daemon(proc)[0] == 0
     assert acc_scalars(accumulate(tmp_path / "runs" / "job"), "x") == [(s, float(s)) for s in range(50)]
 
 
@@ -162,7 +142,7 @@ def test_finish_with_the_embedded_aggregator_and_a_one_second_batch_interval(tmp
 
 def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_path):
     addr = f"ipc://{tmp_path}/agg.sock"
-    proc = start_daemon(tmp_path / "runs", addr)
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     rng = np.random.default_rng(7)
     histograms = {}
     # Small batches: cut by the record count, by the size of histograms, and by each flush.
@@ -186,7 +166,7 @@ def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_pa
         assert distsum.finish(60)
     finally:
         distsum.finish(5)
-        stop_daemon(proc)
+        assert stop_daemon(proc)[0] == 0
     acc = accumulate(tmp_path / "runs" / "job")
     assert acc_scalars(acc, "loss") == [(s, s / 8) for s in range(40)]
     assert acc_scalars(acc, "sum") == acc_scalars(acc, "sum/max") == [(s, 1.0) for s in range(40)]
@@ -206,7 +186,7 @@ def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_pa
 @pytest.mark.parametrize("limits", [{"max_batch_records": 1}, {"max_batch_bytes": 1}])
 def test_batches_of_one_record_deliver_everything(tmp_path, limits):
     addr = f"ipc://{tmp_path}/agg.sock"
-    proc = start_daemon(tmp_path / "runs", addr)
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     distsum.init(0, 1, addr=addr, run="job", **limits)
     try:
         for step in range(30):
@@ -217,7 +197,7 @@ def test_batches_of_one_record_deliver_everything(tmp_path, limits):
         assert distsum.finish(60)
     finally:
         distsum.finish(5)
-        stop_daemon(proc)
+        assert stop_daemon(proc)[0] == 0
     acc = accumulate(tmp_path / "runs" / "job")
     assert acc_scalars(acc, "x") == [(s, float(s)) for s in range(30)]
     assert [s for s, _ in acc_text(acc, "t")] == [0, 10, 20]
@@ -225,7 +205,7 @@ def test_batches_of_one_record_deliver_everything(tmp_path, limits):
 
 def test_records_logged_from_several_threads_all_arrive(tmp_path):
     addr = f"ipc://{tmp_path}/agg.sock"
-    proc = start_daemon(tmp_path / "runs", addr)
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     steps = 3000
     distsum.init(0, 1, addr=addr, run="job")
     try:
@@ -244,7 +224,7 @@ def test_records_logged_from_several_threads_all_arrive(tmp_path):
         assert distsum.finish(60)
     finally:
         distsum.finish(5)
-        stop_daemon(proc)
+        assert stop_daemon(proc)[0] == 0
     acc = accumulate(tmp_path / "runs" / "job")
     for i in range(4):
         assert acc_scalars(acc, f"t{i}") == [(s, float(s)) for s in range(steps)]
@@ -253,7 +233,7 @@ def test_records_logged_from_several_threads_all_arrive(tmp_path):
 
 def test_records_beyond_max_buffered_are_dropped_and_counted(tmp_path):
     addr = f"ipc://{tmp_path}/agg.sock"
-    proc = start_daemon(tmp_path / "runs", addr)
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     # The sender takes nothing until the flush: its round and heartbeat are far away.
     distsum.init(0, 1, addr=addr, run="job", max_buffered=10, batch_interval=60.0, heartbeat=60.0)
     try:
@@ -262,7 +242,7 @@ def test_records_beyond_max_buffered_are_dropped_and_counted(tmp_path):
         assert distsum.finish(30)
     finally:
         distsum.finish(5)
-        stop_daemon(proc)
+        assert stop_daemon(proc)[0] == 0
     acc = accumulate(tmp_path / "runs" / "job")
     assert acc_scalars(acc, "x") == [(s, 1.0) for s in range(10)]
     assert acc_scalars(acc, "distsum/dropped_records")[-1][1] == 15

@@ -24,6 +24,7 @@ from distsum._merge import (
     REPLAY_MERGED,
     MergedStep,
     RunMerger,
+    _Chunk,
     _dense_groups,
     _index_steps,
     _sorted_groups,
@@ -599,20 +600,12 @@ def test_grouping_by_counting_equals_grouping_by_sorting(records, lo) -> None:
     steps = steps.astype(np.int64) + lo
     walls = np.arange(len(records), dtype=np.float64)
     need = (1 << MEAN) | (1 << SUM) | (1 << MIN) | (1 << MAX)
-    args = (
-        ranks,
-        series,
-        steps,
-        values.astype(np.float64),
-        walls,
-        int(steps.min()),
-        int(steps.max()),
-        8,
-        need,
+    held = _Chunk(
+        ranks, series, steps, values.astype(np.float64), walls, int(steps.min()), int(steps.max()), False
     )
-    dense = _dense_groups(*args)
+    dense = _dense_groups(held, 8, need)
     assert dense is not None
-    ordered = _sorted_groups(*args)
+    ordered = _sorted_groups(held, 8, need)
     assert np.array_equal(dense.series, ordered.series) and np.array_equal(dense.steps, ordered.steps)
     assert np.array_equal(dense.walls, ordered.walls)
     assert dense.reductions.keys() == ordered.reductions.keys()

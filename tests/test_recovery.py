@@ -17,8 +17,8 @@ import signal
 import pytest
 
 import distsum
+from tests.daemon import start_daemon, stop_daemon
 from tests.tbreaders import acc_scalars, accumulate, poll_until
-from tests.test_aggregator import start_daemon, stop_daemon
 from tests.test_faults import assert_each_tag_step_once
 
 RUN = "job"
@@ -114,6 +114,16 @@ def assert_each_record_once(run_dir: str, logged: dict[int, set[int]]) -> dict[s
     return runs
 
 
+def rank_0_alone(job: Job, run_dir: str, steps: range) -> None:
+    """Rank 1 frozen before it sends anything (steps 0..5 waiting for it); rank 0 logs ``steps``,
+    and they time out into the run without rank 1."""
+    job.tell(1, "log", [])
+    os.kill(job.procs[1].pid, signal.SIGSTOP)
+    job.commands[1].put(("log", range(6)))  # taken once it runs again
+    job.tell(0, "log", steps)
+    poll_until(lambda: 5 in steps_of(run_dir), timeout=30)
+
+
 @pytest.fixture
 def daemon(tmp_path):
     procs = []
@@ -169,11 +179,7 @@ def test_records_never_seen_by_the_dead_aggregator_go_late_when_their_steps_were
     run_dir = str(tmp_path / RUN)
     job = Job(addr)
     try:
-        job.tell(1, "log", [])
-        os.kill(job.procs[1].pid, signal.SIGSTOP)
-        job.commands[1].put(("log", range(6)))  # taken once it runs again
-        job.tell(0, "log", range(6))
-        poll_until(lambda: 5 in steps_of(run_dir), timeout=30)
+        rank_0_alone(job, run_dir, range(6))
         proc.kill()
         proc.communicate()
         proc, _ = daemon(addr)
@@ -196,11 +202,7 @@ def test_late_records_written_before_the_crash_are_not_written_again(tmp_path, d
     run_dir = str(tmp_path / RUN)
     job = Job(addr)
     try:
-        job.tell(1, "log", [])
-        os.kill(job.procs[1].pid, signal.SIGSTOP)
-        job.commands[1].put(("log", range(6)))
-        job.tell(0, "log", range(7))
-        poll_until(lambda: 5 in steps_of(run_dir), timeout=30)
+        rank_0_alone(job, run_dir, range(7))
         os.kill(job.procs[1].pid, signal.SIGCONT)
         assert job.reply(1) == ("logged", 1)
         poll_until(lambda: 5 in steps_of(os.path.join(run_dir, "late", "rank_1")), timeout=30)

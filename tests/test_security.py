@@ -12,8 +12,8 @@ import pytest
 
 import distsum
 from distsum._security import is_local
+from tests.daemon import start_daemon, stop_daemon
 from tests.tbreaders import acc_scalars, accumulate
-from tests.test_aggregator import start_daemon, stop_daemon
 
 
 def keygen(directory, name: str) -> tuple[str, str]:

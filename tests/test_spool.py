@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 import distsum
 from distsum._spool import Retained, remove_orphans
+from tests.daemon import start_daemon, stop_daemon
 from tests.tbreaders import acc_scalars, accumulate
 
 
@@ -47,23 +47,6 @@ def test_a_damaged_spool_record_is_not_sent(tmp_path):
     held.close()
 
 
-def start_daemon(logdir, addr):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distsum.aggregator", "--logdir", str(logdir), "--bind", addr],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert "listening on" in proc.stdout.readline()
-    return proc
-
-
-def stop_daemon(proc):
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-
-
 @pytest.mark.parametrize(
     ("spool_bytes", "lost"), [(64 << 20, False), (16 << 10, True)], ids=["spooled", "overflowed"]
 )
@@ -88,12 +71,12 @@ def test_a_rank_trains_while_the_aggregator_is_away_and_delivers_when_it_comes(t
             distsum.scalar("x", step, step)
         assert not distsum.flush(timeout=2)  # nobody is there to acknowledge
         assert os.listdir(spool_dir)  # the spool is in use
-        proc = start_daemon(tmp_path / "runs", addr)
+        proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
         assert distsum.finish(timeout=60)
     finally:
         distsum.finish(timeout=5)
         if proc is not None:
-            stop_daemon(proc)
+            assert stop_daemon(proc)[0] == 0
     assert os.listdir(spool_dir) == []  # removed when the rank finished
     acc = accumulate(tmp_path / "runs" / "job")
     got = acc_scalars(acc, "x")
