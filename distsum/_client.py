@@ -92,6 +92,10 @@ class ClientOptions:
     resend_after: float = 1.0
     # An empty batch at least this often, so the aggregator knows the rank is alive.
     heartbeat: float = 1.0
+    # Bytes of batches sent and not yet acknowledged as received: more wait here (in memory, then
+    # the spool) until acks come, so what waits in the aggregator's queues for this rank stays
+    # below this (plus one batch).
+    max_in_flight_bytes: int = 16 << 20
     # Batches not yet acknowledged as durable: this much in memory, then this much in a spool
     # file in spool_dir (default: the temporary directory); beyond both the oldest are dropped.
     max_unacked_bytes: int = 64 << 20
@@ -196,6 +200,10 @@ class Client:
         self._generation = _fork_generation
         # The first held batch not yet handed to the socket (None: all were).
         self._unsent: int | None = None
+        # Batches handed to the socket and not yet acknowledged as received: (seq, bytes).
+        self._in_flight: collections.deque[tuple[int, int]] = collections.deque()
+        self._in_flight_bytes = 0
+        self._window_full = False
         self._queue = _Rows("d")
         self._row_limit = 4 * self.options.max_buffered
         self._breaks: dict[int, _Record | _Marker] = {}
@@ -359,7 +367,7 @@ class Client:
         last_sent = last_progress = now
         next_round = now + options.batch_interval
         while not self._stop:
-            if (self._unsent is not None) != watching_out:
+            if (self._unsent is not None and not self._window_full) != watching_out:
                 # While a batch waits for the socket, wake as soon as it can take one (IMMEDIATE:
                 # a completed connection, say to an aggregator that has just started).
                 watching_out = not watching_out
@@ -380,11 +388,16 @@ class Client:
                 last_sent = now
             if due:
                 next_round = now + options.batch_interval
-            if self._unsent is not None and events.get(self._socket, 0) & zmq.POLLOUT:
-                # It was not connected (the aggregator was starting, say), or the pipe was full.
+            if self._unsent is not None and (
+                events.get(self._socket, 0) & zmq.POLLOUT or (self._window_full and not self._over_window(0))
+            ):
+                # It was not connected (the aggregator was starting, say), the pipe was full, or
+                # acks have made room in the window.
                 self._unsent = self._send_from(self._unsent)
             if self._unacked and now - last_progress >= options.resend_after:
                 # No acknowledgement for a while: anything may have been lost on the way.
+                self._in_flight.clear()
+                self._in_flight_bytes = 0
                 first = self._unacked.first()
                 self._unsent = None if first is None else self._send_from(first)
                 last_progress = now
@@ -414,7 +427,7 @@ class Client:
             for marker in markers:
                 marker.seq = self._seq
             # In order: while an earlier batch waits to be handed to the socket, this one does too.
-            if self._unsent is None and not self._send(data):
+            if self._unsent is None and not self._send(self._seq, data):
                 self._unsent = self._seq
             if not (cut and self._queued()):
                 return
@@ -541,16 +554,25 @@ class Client:
     def _send_from(self, first: int) -> int | None:
         """Send the held batches from ``first`` on, in order; the first that did not go, if any."""
         for seq, data in self._unacked.items():
-            if seq >= first and not self._send(data):
+            if seq >= first and not self._send(seq, data):
                 return seq
         return None
 
-    def _send(self, data: bytes) -> bool:
-        # Not connected, or the pipe is full: the batch stays unacknowledged and is resent.
+    def _over_window(self, size: int) -> bool:
+        return bool(self._in_flight) and self._in_flight_bytes + size > self.options.max_in_flight_bytes
+
+    def _send(self, seq: int, data: bytes) -> bool:
+        # Not connected, the pipe is full, or too much is on its way: the batch stays
+        # unacknowledged and goes later.
+        self._window_full = self._over_window(len(data))
+        if self._window_full:
+            return False
         try:
             self._socket.send(data, zmq.NOBLOCK)
         except zmq.Again:
             return False
+        self._in_flight.append((seq, len(data)))
+        self._in_flight_bytes += len(data)
         return True
 
     def _receive_acks(self) -> bool:
@@ -571,6 +593,8 @@ class Client:
                 if ack.received > self._received or ack.durable > self._durable:
                     progress = True
                 self._received = max(self._received, min(ack.received, self._seq))
+                while self._in_flight and self._in_flight[0][0] <= self._received:
+                    self._in_flight_bytes -= self._in_flight.popleft()[1]
                 self._durable = max(self._durable, min(ack.durable, self._received))
                 self._unacked.release_through(self._durable)
                 if ack.world_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -282,3 +283,34 @@ def test_logging_without_init_or_after_finish_says_to_call_init(tmp_path):
         distsum.scalar("x", 1.0, 1)
     with pytest.raises(distsum.DistsumError, match="init"):
         distsum.writer("test").scalar("x", 1.0, 1)
+
+
+def test_what_is_on_its_way_to_a_stalled_aggregator_stays_within_the_window(tmp_path):
+    # The aggregator is frozen: nothing it would acknowledge as received. The rank keeps at most
+    # max_in_flight_bytes (and one batch) handed to the socket; the rest waits in its own store,
+    # and everything arrives once the aggregator runs again.
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
+    window = 8 << 10
+    distsum.init(0, 1, addr=addr, run="job", max_in_flight_bytes=window, resend_after=60.0)
+    try:
+        assert distsum.flush(30)
+        client = distsum._api.client()
+        proc.send_signal(signal.SIGSTOP)
+        largest = worst = 0
+        for step in range(300):
+            for j in range(20):
+                distsum.scalar(f"x{j}", float(step), step)
+            time.sleep(0.002)
+            worst = max(worst, client._in_flight_bytes)
+            largest = max([largest, *(size for _, size in client._in_flight)])
+        assert client._window_full
+        assert worst <= window + largest, (worst, largest)
+        proc.send_signal(signal.SIGCONT)
+        assert distsum.finish(60)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        distsum.finish(5)
+        assert stop_daemon(proc)[0] == 0
+    acc = accumulate(tmp_path / "runs" / "job")
+    assert acc_scalars(acc, "x19") == [(s, float(s)) for s in range(300)]
