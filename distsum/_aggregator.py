@@ -539,6 +539,10 @@ class Aggregator:
         for name, run in list(self._runs.items()):
             if not run.streams and not run.pending and not run.merger.stats().open_steps:
                 # A batch for it later opens it again, reading back its files and journal.
+                try:
+                    run.journal.checkpoint()  # without the retired streams: none, usually
+                except OSError as e:
+                    self._disk_error(run.journal.path, e)
                 self._close_files(run)
                 del self._runs[name]
 

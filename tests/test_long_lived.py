@@ -42,6 +42,7 @@ def test_finished_streams_and_runs_are_forgotten_and_a_late_resend_is_still_answ
         ack = send(sock, first)
         assert (ack.received, ack.durable) == (1, 1)
         poll_until(lambda: not aggregator._streams and "job" not in aggregator._runs, timeout=30)
+        assert not (tmp_path / "job" / ".distsum-journal").exists()
         # The rank missed its ack and resends: answered from what the aggregator remembers.
         duplicates = aggregator.duplicates
         assert send(sock, first).durable == 1
