@@ -17,7 +17,7 @@ from tensorboard.compat.proto import tensor_pb2 as tb_tensor_pb2
 from tensorboard.util import tensor_util
 
 from distsum import _histogram
-from distsum._histogram import BUCKET_LIMITS, NUM_BUCKETS, Histogram, _bucket_indices
+from distsum._histogram import _DIRECT_BELOW, BUCKET_LIMITS, NUM_BUCKETS, Histogram, _bucket_indices
 from distsum._proto import types_pb2
 
 DBL_MAX = float(np.finfo(np.float64).max)
@@ -631,3 +631,18 @@ def test_legacy_proto_on_another_grid_is_not_taken_for_tf1s():
     values = np.random.default_rng(12).normal(0, 1, 100)
     proto = torch_summary.histogram("h", values, bins="auto").value[0].histo
     assert Histogram.from_histogram_proto(proto) is None
+
+
+def test_counting_by_bucket_and_by_cell_agree():
+    # Below _DIRECT_BELOW values each value's bucket is counted; above, cells first. The two
+    # halves of a large input are counted the first way, the whole the second.
+    rng = np.random.default_rng(3)
+    n = _DIRECT_BELOW + 4_097
+    values = np.concatenate([rng.normal(0, 1, n // 2), np.exp(rng.uniform(-60, 60, n - n // 2))])
+    values *= rng.choice([-1.0, 1.0], n)
+    whole = Histogram.from_values(values, tag="h")
+    halves = Histogram.from_values(values[: n // 2], tag="h").merge(
+        Histogram.from_values(values[n // 2 :], tag="h")
+    )
+    assert np.array_equal(whole.counts, halves.counts)
+    assert (whole.min, whole.max, whole.num) == (halves.min, halves.max, halves.num)
