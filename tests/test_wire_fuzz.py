@@ -55,6 +55,7 @@ from distsum._wire import (
     MAX_RANK,
     PROTOCOL_VERSION,
     WireError,
+    add_histogram,
     check_records,
     decode_ack,
     decode_batch,
@@ -546,21 +547,8 @@ class Fuzzer:
         o.pid, o.host = self.rng.randrange(1 << 22), "fuzz-host"
 
     def add_histogram(self, b: wire_pb2.Batch, series: int, step: int, h: Histogram) -> wire_pb2.Histogram:
-        indices, counts = h.to_sparse()
-        return b.histograms.add(
-            series=series,
-            step=step,
-            wall_time=WALL + step,
-            index=indices.tolist(),
-            count=counts.tolist(),
-            min=h.min,
-            max=h.max,
-            sum=h.sum,
-            sum_squares=h.sum_squares,
-            nan=h.nan,
-            posinf=h.posinf,
-            neginf=h.neginf,
-        )
+        add_histogram(b, series, step, WALL + step, h)
+        return b.histograms[-1]
 
     def valid_batch(self, s: Stream, seq: int | None = None, what: int | None = None) -> Draft:
         """A well-formed batch of ``s``: some of scalars, a histogram, images and a text (``what``:
