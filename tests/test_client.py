@@ -19,6 +19,7 @@ from distsum._wire import (
     encode_batch,
     encode_series_table,
     scalar_columns,
+    set_scalar_columns,
 )
 from tests.daemon import start_daemon, stop_daemon
 from tests.tbreaders import acc_histograms, acc_scalars, acc_text, accumulate
@@ -52,7 +53,7 @@ def batch_around_scalars(seed: int) -> wire_pb2.Batch:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_an_encoded_batch_is_the_envelope_protobuf_writes_and_its_columns_come_back(seed):
+def test_an_encoded_batch_parses_as_the_envelope_protobuf_writes_and_its_columns_come_back(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 3000))
     steps = rng.integers(0, 2**63 - 1, n, dtype=np.int64, endpoint=True)
@@ -64,8 +65,11 @@ def test_an_encoded_batch_is_the_envelope_protobuf_writes_and_its_columns_come_b
     data = encode_batch(batch, columns)
     expected = wire_pb2.Envelope(version=PROTOCOL_VERSION)
     expected.batch.CopyFrom(batch)
-    assert data == expected.SerializeToString()
-    back = scalar_columns(wire_pb2.Envelope.FromString(data).batch)
+    set_scalar_columns(expected.batch, *columns)
+    parsed = wire_pb2.Envelope.FromString(data)
+    assert parsed == expected
+    assert len(data) == len(expected.SerializeToString())  # each field once
+    back = scalar_columns(parsed.batch)
     for got, sent in zip(back, columns, strict=True):
         assert np.array_equal(got, sent, equal_nan=True)
     assert back.series.dtype == np.uint32 and back.steps.dtype == np.int64
