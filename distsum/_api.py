@@ -8,7 +8,6 @@ directory and the job id, so the other ranks on the machine find it with no conf
 
 from __future__ import annotations
 
-import array
 import atexit
 import hashlib
 import os
@@ -80,16 +79,30 @@ _state: _State | None = None
 _lock = threading.Lock()
 _atexit_registered = False
 
-# The scalar calls append rows to the client's queue themselves (Client.scalar_rows) while it is
-# shorter than _row_limit. Without a client usable in this process (not initialised, finished, a
-# forked child) the limit is 0, so they go through Client.put, which says why it refuses.
-_rows: array.array[float] = array.array("d")
+
+class _NoQueue:
+    """The scalar calls' queue without a client usable in this process (not initialised,
+    finished, a forked child): a row goes to ``Client.put``, which says why it refuses."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iadd__(self, row: tuple[int, int, float]) -> _NoQueue:
+        client().put(*row, None)
+        return self
+
+
+_NO_QUEUE: Any = _NoQueue()
+
+# The scalar calls append rows to the client's queue themselves (Client.scalar_rows), checking
+# its length against _row_limit whenever a call brings a step they have not checked yet.
+_rows: list[float] = _NO_QUEUE
 _row_limit = 0
 
 
 def _forget_rows_in_child() -> None:
-    global _row_limit
-    _row_limit = 0
+    global _rows, _row_limit
+    _rows, _row_limit = _NO_QUEUE, 0
 
 
 os.register_at_fork(after_in_child=_forget_rows_in_child)
@@ -267,27 +280,31 @@ def _scalar_key(subrun: str, tag: str, reduce: Any) -> tuple[Any, ...]:
 class ScalarCall(Protocol):
     """The signature of ``distsum.scalar`` and ``Writer.scalar``."""
 
-    def __call__(
-        self, tag: str, value: Any, step: int, *, reduce: str | tuple[str, ...] = "mean"
-    ) -> None: ...
+    def __call__(self, tag: str, value: Any, step: int, reduce: str | tuple[str, ...] = "mean") -> None: ...
 
 
 _MEAN = "mean"
 _EXACT_BITS = EXACT_STEPS.bit_length() - 1
-_time = time.time
 
 
 def _scalar_call(subrun: str) -> ScalarCall:
     """The scalar call of one sub-run: the hot path of a training loop, so one flat function.
 
-    The common case is a dict lookup, two type checks, a length check and one append of a row;
-    anything else (a new tag, another reduction, a value that is not a float, a step that is not
-    a plain int, no usable client) takes the full path, with the same checks and errors.
+    The common case is a dict lookup, a type check, an identity check of the step and one append
+    of a row; anything else (a new tag, another reduction, a value that is not a float, a step not
+    checked yet) takes the full path, with the same checks and errors. ``reduce`` is not
+    keyword-only: that would keep CPython off its fastest call.
     """
     by_tag: dict[str, int] = {}  # series numbers for reduce="mean" (the default object itself)
+    # The last step object that passed the checks, with room in the queue then. A loop passes the
+    # same int object to every call of a step, so the checks run once a step; ints are immutable,
+    # so a checked one stays valid whichever thread checked it. The queue may thus outgrow
+    # max_buffered by the records of one step: it only grows while the sender is not taking them.
+    checked: Any = None
 
-    def scalar(tag: str, value: Any, step: int, *, reduce: str | tuple[str, ...] = _MEAN) -> None:
+    def scalar(tag: str, value: Any, step: int, reduce: str | tuple[str, ...] = _MEAN) -> None:
         """Log a scalar; across ranks it is reduced with ``reduce`` (mean, sum, min, max, none)."""
+        nonlocal checked
         try:
             series = by_tag[tag] if reduce is _MEAN else None
         except (KeyError, TypeError):  # a new tag, or not even hashable
@@ -298,17 +315,19 @@ def _scalar_call(subrun: str) -> ScalarCall:
                 by_tag[tag] = series
         if type(value) is not float:
             value = _validate.as_scalar(value, tag)
-        # A negative step and one a double cannot hold exactly both shift to nonzero.
-        if type(step) is not int or step >> _EXACT_BITS:
-            step = _validate.check_step(step, tag)
-            if step >= EXACT_STEPS:
-                client().put(series, step, value, _time())
+        if step is not checked:
+            # A negative step and one a double cannot hold exactly both shift to nonzero.
+            if type(step) is not int or step >> _EXACT_BITS:
+                step = _validate.check_step(step, tag)
+                if step >= EXACT_STEPS:
+                    client().put(series, step, value, None)
+                    return
+            if len(_rows) >= _row_limit:
+                client().put(series, step, value, None)  # refuses, or drops and counts
                 return
+            checked = step
         rows = _rows
-        if len(rows) < _row_limit:
-            rows.fromlist([series, step, value, _time()])
-        else:
-            client().put(series, step, value, _time())  # refuses, or drops and counts
+        rows += (series, step, value)
 
     return scalar
 
@@ -330,7 +349,7 @@ class Writer:
         if array.dtype.kind not in "iuf":
             raise TypeError(f"histogram values for tag {tag!r} must be real numbers, got dtype {array.dtype}")
         # A copy: the training loop may change its array before the sender thread buckets it.
-        client().add(((HISTOGRAM, self.subrun, tag, (), 0), step, np.array(array, copy=True), time.time()))
+        client().add(((HISTOGRAM, self.subrun, tag, (), 0), step, np.array(array, copy=True), None))
 
     def image(
         self, tag: str, images: Any, step: int, *, max_outputs: int = 3, dataformats: str = "NHWC"
@@ -345,7 +364,7 @@ class Writer:
             raise ValueError(
                 f"images for tag {tag!r} hold {size} bytes of pixels; at most {MAX_IMAGE_BYTES} per call"
             )
-        client().add(((IMAGES, self.subrun, tag, (), max_outputs), step, pixels, time.time()))
+        client().add(((IMAGES, self.subrun, tag, (), max_outputs), step, pixels, None))
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Log Markdown text; across ranks, gathered in rank order, each labelled with its rank."""
@@ -353,7 +372,7 @@ class Writer:
         step = _validate.check_step(step, tag)
         if not isinstance(text, str):
             raise TypeError(f"text for tag {tag!r} must be a str, got {type(text).__name__}")
-        client().add(((TEXT, self.subrun, tag, (), 0), step, text, time.time()))
+        client().add(((TEXT, self.subrun, tag, (), 0), step, text, None))
 
 
 _root = Writer()
@@ -387,13 +406,13 @@ def finish(timeout: float | None = 30.0) -> bool:
     On rank 0 with the embedded aggregator, also waits (within the same timeout) for the
     aggregator to finish writing the other ranks' records.
     """
-    global _state, _row_limit
+    global _state, _rows, _row_limit
     with _lock:
         state = _state
         if state is None or state.client.forked_away:
             return True
         _state = None
-        _row_limit = 0
+        _rows, _row_limit = _NO_QUEUE, 0
     deadline = None if timeout is None else time.monotonic() + timeout
     if state.aggregator is not None:
         # It exits once every rank has finished, this one included: not a crash to recover from.

@@ -8,15 +8,17 @@ a connection or an aggregator is sent again, and the aggregator drops the copies
 (run, rank, stream, seq). Between rounds it waits on the socket and a wake-up pipe together, so
 acknowledgements are read as they arrive and a flush goes out at once.
 
-The queue is an ``array('d')`` of rows of four doubles, ``(series, step, value, wall time)``: a
-scalar costs the training thread one ``fromlist`` and the sender no Python object at all, since
-the rows become numpy columns in one copy. Any other record (and every flush marker) waits in
-``_breaks`` under a number, and a row ``(-1, number, 0, 0)`` holds its place in the queue.
+The queue is a list of rows of three numbers, ``(series, step, value)``, each appended with one
+``+=`` of a tuple: the cheapest append CPython has, and atomic, so rows from different threads
+never interleave. The sender turns the rows it takes into numpy columns with one ``fromiter``.
+A scalar's wall time is when the sender batches its row, normally within ``batch_interval`` of
+the call: calling ``time.time()`` in the training thread would cost a third of the call. Any other
+record (and every flush marker) waits in ``_breaks`` under a number, and a row ``(-1, number,
+0.0)`` holds its place in the queue.
 """
 
 from __future__ import annotations
 
-import array
 import collections
 import contextlib
 import itertools
@@ -72,6 +74,8 @@ RAW = "raw"
 # Doubles hold every integer below 2**53 exactly: a step at or beyond it is queued as a record of
 # its own, not as a row.
 EXACT_STEPS = 1 << 53
+# Numbers per row of the record queue.
+_ROW_WIDTH = 3
 # What a scalar adds to a batch: its four column entries.
 _SCALAR_BYTES = 28
 # Series tables kept by the sender; beyond this many, it starts over.
@@ -132,21 +136,6 @@ def series_of(kind: Any, subrun: str, tag: str, reduce: tuple[Any, ...], max_out
     return number
 
 
-class _Rows(array.array):
-    """The record queue: rows of four doubles, appended whole by ``fromlist``.
-
-    ``fromlist`` is one C call that runs no Python code for ints and floats, so rows from
-    different threads never interleave. Its buffer is never exported (the sender copies a slice):
-    an export would make every append fail while it lasts.
-    """
-
-    __slots__ = ()
-
-    def clear(self) -> None:
-        """Forget every queued row, as ``deque.clear`` (a flush whose marker goes times out)."""
-        del self[:]
-
-
 class _Marker:
     """A flush or finish request in the record queue; ``seq`` is the batch that carried it."""
 
@@ -169,7 +158,7 @@ class _Record:
 class Client:
     """One rank's connection to the aggregator.
 
-    ``add`` takes ``(key, step, payload, wall_time)`` where the key is ``(kind, subrun, tag,
+    ``add`` takes ``(key, step, payload, wall_time or None)`` where the key is ``(kind, subrun, tag,
     reduce, max_outputs)`` and the payload a float (scalar), an array of histogram values
     (bucketed on the sender thread) or a ``Histogram``, a list of HWC uint8 arrays or
     ``EncodedImage`` (images), a str (text), or, for kind ``RAW``, a serialized Event.
@@ -204,13 +193,13 @@ class Client:
         self._in_flight: collections.deque[tuple[int, int]] = collections.deque()
         self._in_flight_bytes = 0
         self._window_full = False
-        self._queue = _Rows("d")
-        self._row_limit = 4 * self.options.max_buffered
+        self._queue: list[float] = []
+        self._row_limit = _ROW_WIDTH * self.options.max_buffered
         self._breaks: dict[int, _Record | _Marker] = {}
         self._break_numbers = itertools.count()
         # The sender's rows taken off the queue and not yet batched, from _row on; _stops lists
         # the places in them that hold a break.
-        self._rows = np.empty((0, 4))
+        self._rows = np.empty((0, _ROW_WIDTH))
         self._row = 0
         self._stops: collections.deque[int] = collections.deque()
         self._previous: list[_Record] = []
@@ -261,22 +250,26 @@ class Client:
         """Whether this is a forked child of the process that made the client (unusable here)."""
         return self._generation != _fork_generation
 
-    def scalar_rows(self) -> tuple[array.array[float], int]:
+    def scalar_rows(self) -> tuple[list[float], int]:
         """The record queue and the length below which a row may be appended to it directly.
 
-        A row is ``[series_of(...), step, value, wall_time]`` of a scalar series, with an int step
-        below ``EXACT_STEPS`` and a float value, appended with ``fromlist``. The caller must stop
+        A row is ``(series_of(...), step, value)`` of a scalar series, a plain int step below
+        ``EXACT_STEPS`` and a float value, appended with ``queue += row``. The caller must stop
         once the client closes or the process forks (``put`` refuses then, saying why).
         """
         return self._queue, self._row_limit
 
-    def add(self, record: tuple[Any, int, Any, float]) -> None:
+    def add(self, record: tuple[Any, int, Any, float | None]) -> None:
         key, step, payload, wall = record
         number = _series_numbers.get(key)
         self.put(series_of(*key) if number is None else number, step, payload, wall)
 
-    def put(self, series: int, step: int, payload: Any, wall: float) -> None:
-        """Queue one record of series number ``series`` (``series_of``; see ``add``)."""
+    def put(self, series: int, step: int, payload: Any, wall: float | None) -> None:
+        """Queue one record of series number ``series`` (``series_of``; see ``add``).
+
+        A scalar without a wall time becomes a row, stamped when the sender batches it; every other
+        record is stamped now if it has no wall time.
+        """
         if self._generation != _fork_generation:
             raise DistsumError(
                 "distsum was initialised in a parent process; call distsum.init() in this child"
@@ -292,16 +285,16 @@ class Client:
                     self.options.max_buffered,
                 )
             return
-        if _series[series].kind == SCALAR and step < EXACT_STEPS:
-            self._queue.fromlist([series, step, float(payload), wall])
+        if wall is None and _series[series].kind == SCALAR and step < EXACT_STEPS:
+            self._queue += (series, step, float(payload))
         else:
-            self._enqueue_break(_Record(series, step, payload, wall))
+            self._enqueue_break(_Record(series, step, payload, time.time() if wall is None else wall))
 
     def _enqueue_break(self, entry: _Record | _Marker) -> None:
         number = next(self._break_numbers)
         # The entry before its row: the sender, having found the row, must find the entry.
         self._breaks[number] = entry
-        self._queue.fromlist([-1.0, number, 0.0, 0.0])
+        self._queue += (-1, number, 0.0)
 
     def _wake(self) -> None:
         # A full pipe holds wake-ups the sender has yet to read: it wakes anyway.
@@ -476,13 +469,14 @@ class Client:
 
     def _take_rows(self, room: int) -> bool:
         """Move up to ``room`` rows from the front of the queue to the sender's; False if none."""
-        n = min(len(self._queue) // 4, room)
+        n = min(len(self._queue) // _ROW_WIDTH, room)
         if n == 0:
             return False
-        # A copy, then a delete: the training thread only appends, so the front stays put between.
-        taken = self._queue[: 4 * n]
-        del self._queue[: 4 * n]
-        self._rows = np.frombuffer(taken, dtype=np.float64).reshape(n, 4)
+        # Read, then deleted: the training thread only appends, so the front stays put between.
+        # fromiter runs no Python code for ints and floats, so nothing is appended while it reads.
+        count = _ROW_WIDTH * n
+        self._rows = np.fromiter(self._queue, dtype=np.float64, count=count).reshape(n, _ROW_WIDTH)
+        del self._queue[:count]
         self._row = 0
         self._stops = collections.deque(np.flatnonzero(self._rows[:, 0] < 0).tolist())
         return True
@@ -491,7 +485,8 @@ class Client:
         batch = wire_pb2.Batch(seq=self._seq)
         batch.origin.CopyFrom(self._origin)
         numbers, steps = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
-        values, walls = rows[:, 2], rows[:, 3]
+        # The rows' wall time: when they are batched, within about batch_interval of their calls.
+        values, walls = rows[:, 2], np.full(len(rows), time.time())
         huge = [r for r in others if _series[r.series].kind == SCALAR]
         if huge:
             numbers = np.concatenate([numbers, [r.series for r in huge]])

@@ -96,9 +96,11 @@ class RemoteSink:
         self._closed = False
 
     def add_items(self, items: Sequence[Item], step: int, wall_time: float | None = None) -> None:
-        wall = time.time() if wall_time is None else wall_time
+        # Without a wall time, the client stamps each record as it queues it (a scalar, as the
+        # sender batches it).
+        wall = wall_time
         client, subrun = _api.client(), self.subrun
-        raw = event_pb2.Event(wall_time=wall, step=step)
+        raw = event_pb2.Event(wall_time=time.time() if wall is None else wall, step=step)
         for item in items:
             if isinstance(item, ScalarItem):
                 client.add(((SCALAR, subrun, item.tag, (wire_pb2.MEAN,), 0), step, item.value, wall))

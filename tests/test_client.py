@@ -244,13 +244,16 @@ def test_records_beyond_max_buffered_are_dropped_and_counted(tmp_path):
     try:
         for step in range(25):
             distsum.scalar("x", 1.0, step)
+        step = 1000
+        for _ in range(5):  # one step object, found unchecked because the queue was full
+            distsum.scalar("x", 1.0, step)
         assert distsum.finish(30)
     finally:
         distsum.finish(5)
         assert stop_daemon(proc)[0] == 0
     acc = accumulate(tmp_path / "runs" / "job")
     assert acc_scalars(acc, "x") == [(s, 1.0) for s in range(10)]
-    assert acc_scalars(acc, "distsum/dropped_records")[-1][1] == 15
+    assert acc_scalars(acc, "distsum/dropped_records")[-1][1] == 20
 
 
 BAD_SCALARS = [
@@ -283,6 +286,8 @@ def test_logging_without_init_or_after_finish_says_to_call_init(tmp_path):
     distsum.init(0, 1, addr=f"ipc://{tmp_path}/nobody.sock", run="job")
     distsum.scalar("x", 1.0, 0)
     distsum.finish(0.1)
+    with pytest.raises(distsum.DistsumError, match="init"):
+        distsum.scalar("x", 1.0, 0)  # a step scalar() has checked
     with pytest.raises(distsum.DistsumError, match="init"):
         distsum.scalar("x", 1.0, 1)
     with pytest.raises(distsum.DistsumError, match="init"):
@@ -318,3 +323,24 @@ def test_what_is_on_its_way_to_a_stalled_aggregator_stays_within_the_window(tmp_
         assert stop_daemon(proc)[0] == 0
     acc = accumulate(tmp_path / "runs" / "job")
     assert acc_scalars(acc, "x19") == [(s, float(s)) for s in range(300)]
+
+
+def test_a_scalar_is_stamped_when_logged_unless_a_wall_time_is_given(tmp_path):
+    # distsum.scalar's rows are stamped by the sender as it batches them (within batch_interval of
+    # the call); a SummaryWriter's walltime= is kept exactly.
+    run = tmp_path / "run"
+    distsum.init(0, 1, logdir=run)
+    try:
+        before = time.time()
+        distsum.scalar("logged", 1.0, 0)
+        assert distsum.flush(30)
+        after = time.time()
+        with distsum.SummaryWriter() as writer:
+            writer.add_scalar("given", 2.0, 0, walltime=1234.5)
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+    acc = accumulate(run)
+    ((logged, _),) = [(e.wall_time, e.step) for e in acc.Tensors("logged")]
+    assert before <= logged <= after
+    assert [e.wall_time for e in acc.Tensors("given")] == [1234.5]

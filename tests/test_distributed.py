@@ -170,18 +170,21 @@ def test_a_forked_child_that_logs_without_init_gets_a_clear_error(tmp_path):
         pid = os.fork()
         if pid == 0:  # the child: report what logging does, touch nothing else
             os.close(read)
-            try:
-                distsum.scalar("x", 2.0, 1)
-                message = "no error"
-            except distsum.DistsumError as e:
-                message = str(e)
-            os.write(write, message.encode())
+            messages = []
+            for step in (0, 1):  # the parent's scalar() has checked step 0, not step 1
+                try:
+                    distsum.scalar("x", 2.0, step)
+                    messages.append("no error")
+                except distsum.DistsumError as e:
+                    messages.append(str(e))
+            os.write(write, "\n".join(messages).encode())
             os._exit(0)
         os.close(write)
         with os.fdopen(read) as f:
-            message = f.read()
+            messages = f.read().split("\n")
         assert os.waitpid(pid, 0)[1] == 0
-        assert "parent process" in message and "distsum.init()" in message
+        assert len(messages) == 2
+        assert all("parent process" in m and "distsum.init()" in m for m in messages), messages
         distsum.scalar("x", 3.0, 1)
         assert distsum.finish(timeout=30)
     finally:
