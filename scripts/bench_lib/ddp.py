@@ -13,8 +13,15 @@ Each logging step logs ``scalars`` scalars and ``histograms`` histograms of ``hi
 * ``allreduce_each``: as ``allreduce`` but one ``all_reduce`` per scalar (the common way);
 * ``per_rank``: every rank writes its own torch SummaryWriter, ``<block>/rank_<r>``.
 
-The overhead of a mode is its mean step time on rank 0 minus that of the ``none`` block of the
-same repeat. distsum's ``finish()`` at the end of its block is timed apart (not per step).
+The overhead of a mode is its mean step time on rank 0 minus that of no logging in the same
+repeat: the mean of a ``none`` block at the start of the repeat and one at its end, since step
+times drift by a millisecond over a repeat here. Once per job and not per step, so timed apart:
+distsum's ``init()`` until the embedded aggregator answers a ``flush()`` (it starts a Python
+process, whose imports would otherwise take the CPU from the first timed steps), and its
+``finish()`` at the end of the block.
+
+CPU per step is counted too, less noisy than wall time: every rank process (all its threads),
+and in distsum's blocks also the ranks' sender threads and the embedded aggregator, from /proc.
 """
 
 from __future__ import annotations
@@ -23,12 +30,31 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any
 
 from bench_lib.common import call_main
 
 MODES = ("none", "distsum", "allreduce", "allreduce_each", "per_rank")
+# The reference block run again at the end of each repeat.
+NONE_AGAIN = "none_again"
+
+
+def _cpu_seconds(stat_path: str) -> float:
+    """User plus system CPU of a process or thread, from its /proc stat file."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(sender: threading.Thread | None, aggregator: Any) -> dict[str, float]:
+    now = {"process": _cpu_seconds("/proc/self/stat")}
+    if sender is not None:
+        now["sender"] = _cpu_seconds(f"/proc/self/task/{sender.native_id}/stat")
+    if aggregator is not None:
+        now["aggregator"] = _cpu_seconds(f"/proc/{aggregator.pid}/stat")
+    return now
 
 
 def _rank(rank: int, world: int, root: str, config: dict[str, Any]) -> None:
@@ -62,11 +88,16 @@ def _rank(rank: int, world: int, root: str, config: dict[str, Any]) -> None:
         return loss.item()
 
     for repeat in range(config["repeats"]):
-        for mode in config["modes"]:
+        for mode in [*config["modes"], NONE_AGAIN]:
             block = f"{root}/{mode}-{repeat}"
             writer = None
+            ready = 0.0
             if mode == "distsum":
+                t = time.perf_counter()
                 distsum.init(rank, world, logdir=block)
+                if not distsum.flush(120):
+                    raise RuntimeError(f"rank {rank}: the embedded aggregator did not answer")
+                ready = time.perf_counter() - t
             elif mode == "per_rank":
                 writer = SummaryWriter(f"{block}/rank_{rank}")
             elif mode.startswith("allreduce") and rank == 0:
@@ -74,13 +105,21 @@ def _rank(rank: int, world: int, root: str, config: dict[str, Any]) -> None:
             gathered = [torch.empty(config["hist_size"]) for _ in range(world)] if rank == 0 else None
             dist.barrier()
             start = 0.0
+            sender = aggregator = None
+            if mode == "distsum":
+                sender = next(t for t in threading.enumerate() if t.name == "distsum-sender")
+                state = distsum._api._state
+                aggregator = state.aggregator if state is not None else None
+            cpu: dict[str, float] = {}
+
             for i in range(config["warmup"] + config["steps"]):
                 if i == config["warmup"]:
                     dist.barrier()
                     start = time.perf_counter()
+                    cpu = _cpu_now(sender, aggregator)
                 step += 1
                 loss = train_step()
-                if mode == "none":
+                if mode.startswith("none"):
                     continue
                 if mode == "distsum":
                     for j, tag in enumerate(tags):
@@ -111,6 +150,9 @@ def _rank(rank: int, world: int, root: str, config: dict[str, Any]) -> None:
                         for tag, mean in zip(tags, means, strict=True):
                             writer.add_scalar(tag, mean, step)
             elapsed = time.perf_counter() - start
+            cpu_ms = {
+                k: (v - cpu[k]) / config["steps"] * 1e3 for k, v in _cpu_now(sender, aggregator).items()
+            }
             finish = 0.0
             if mode == "distsum":
                 t = time.perf_counter()
@@ -126,6 +168,8 @@ def _rank(rank: int, world: int, root: str, config: dict[str, Any]) -> None:
                     "mode": mode,
                     "step_ms": elapsed / config["steps"] * 1e3,
                     "finish_s": finish,
+                    "ready_s": ready,
+                    "cpu_ms": cpu_ms,
                 }
             )
             dist.barrier()
@@ -160,22 +204,55 @@ def job(
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         tmp.spawn(_rank, args=(world, root, config), nprocs=world, join=True)
-        with open(f"{root}/rank_0.json") as f:
-            rows = json.load(f)
+        ranks = []
+        for r in range(world):
+            with open(f"{root}/rank_{r}.json") as f:
+                ranks.append(json.load(f))
+        rows = ranks[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     step_ms: dict[str, list[float]] = {}
     overhead_ms: dict[str, list[float]] = {}
+    # CPU per step over every rank process (and the embedded aggregator) beyond no logging's;
+    # for distsum also its parts: the aggregator, the ranks' sender threads, the rest of the ranks.
+    cpu_ms: dict[str, list[float]] = {}
+    distsum_cpu_ms: dict[str, list[float]] = {}
     finish_s: list[float] = []
+    ready_s: list[float] = []
+
+    def cpu_of(repeat: int, mode: str) -> dict[str, float]:
+        parts = [
+            next(x for x in got if x["repeat"] == repeat and x["mode"] == mode)["cpu_ms"] for got in ranks
+        ]
+        total = {key: sum(p.get(key, 0.0) for p in parts) for key in ("process", "sender", "aggregator")}
+        total["all"] = total["process"] + total["aggregator"]
+        return total
+
     for repeat in range(repeats):
         by_mode = {r["mode"]: r for r in rows if r["repeat"] == repeat}
-        base = by_mode["none"]["step_ms"]
+        base = (by_mode["none"]["step_ms"] + by_mode.pop(NONE_AGAIN)["step_ms"]) / 2
+        base_cpu = (cpu_of(repeat, "none")["all"] + cpu_of(repeat, NONE_AGAIN)["all"]) / 2
         for mode, row in by_mode.items():
             step_ms.setdefault(mode, []).append(row["step_ms"])
             overhead_ms.setdefault(mode, []).append(row["step_ms"] - base)
+            total = cpu_of(repeat, mode)
+            cpu_ms.setdefault(mode, []).append(total["all"] - base_cpu)
             if mode == "distsum":
                 finish_s.append(row["finish_s"])
-    return {"step_ms": step_ms, "overhead_ms": overhead_ms, "distsum_finish_s": finish_s}
+                ready_s.append(row["ready_s"])
+                distsum_cpu_ms.setdefault("aggregator", []).append(total["aggregator"])
+                distsum_cpu_ms.setdefault("senders", []).append(total["sender"])
+                distsum_cpu_ms.setdefault("rest of the ranks", []).append(
+                    total["process"] - total["sender"] - base_cpu
+                )
+    return {
+        "step_ms": step_ms,
+        "overhead_ms": overhead_ms,
+        "extra_cpu_ms": cpu_ms,
+        "distsum_cpu_ms": distsum_cpu_ms,
+        "distsum_finish_s": finish_s,
+        "distsum_ready_s": ready_s,
+    }
 
 
 if __name__ == "__main__":
