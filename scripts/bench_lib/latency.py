@@ -5,8 +5,9 @@ seconds, all of them log ``tags`` scalars of the next step (the embedded aggrega
 This process tails the run's event files every millisecond and notes when each step's event
 appears. Two latencies per step ``s``:
 
-* from the last log: appearance minus the event's wall time, which the aggregator sets to the
-  latest wall time of the step's records, i.e. the last rank's last ``scalar()`` call at ``s``;
+* from the last log: appearance minus the moment the last rank returned from its last
+  ``scalar()`` call at ``s`` (each rank notes it; the event's wall time would not do, since the
+  sender stamps a batch's scalars when it sends them);
 * from completion: appearance minus the moment the last rank started logging ``s + 1``. distsum
   writes a step once every rank has moved past it, so this is the part distsum itself adds.
 """
@@ -32,7 +33,7 @@ def _rank(
 
     distsum.init(rank, world, logdir=logdir)
     names = [f"metric/{j:04d}" for j in range(tags)]
-    starts = []
+    starts, ends = [], []
     for step in range(steps):
         target = t0 + step * period
         delay = target - time.time()
@@ -42,8 +43,9 @@ def _rank(
         value = step * 0.001
         for tag in names:
             distsum.scalar(tag, value, step)
+        ends.append(time.time())
     ok = distsum.finish(120)
-    out.put((rank, starts, ok))
+    out.put((rank, starts, ends, ok))
 
 
 def latency(ranks: int, steps: int, period: float, tags: int) -> dict[str, Any]:
@@ -57,7 +59,7 @@ def latency(ranks: int, steps: int, period: float, tags: int) -> dict[str, Any]:
     procs = [
         ctx.Process(target=_rank, args=(r, ranks, logdir, steps, period, tags, t0, out)) for r in range(ranks)
     ]
-    seen: dict[int, tuple[float, float]] = {}
+    seen: dict[int, float] = {}
     offsets: dict[str, int] = {}
     try:
         for p in procs:
@@ -72,12 +74,12 @@ def latency(ranks: int, steps: int, period: float, tags: int) -> dict[str, Any]:
                 for record in records:
                     event = event_pb2.Event.FromString(record)
                     if any(v.tag.startswith("metric/") for v in event.summary.value):
-                        seen.setdefault(event.step, (now, event.wall_time))
+                        seen.setdefault(event.step, now)
             time.sleep(0.001)
         results = {}
         while len(results) < ranks:
-            rank, starts, ok = out.get(timeout=60)
-            results[rank] = (starts, ok)
+            rank, starts, ends, ok = out.get(timeout=60)
+            results[rank] = (starts, ends, ok)
         for p in procs:
             p.join(60)
     finally:
@@ -88,18 +90,19 @@ def latency(ranks: int, steps: int, period: float, tags: int) -> dict[str, Any]:
         shutil.rmtree(logdir, ignore_errors=True)
     starts = np.array([results[r][0] for r in range(ranks)])  # [rank, step]
     complete = starts.max(axis=0)  # when the last rank started logging each step
+    last_log = np.array([results[r][1] for r in range(ranks)]).max(axis=0)
     from_log, from_complete = [], []
     for step in range(steps - 1):  # the last step is written by finish(), not by progress
         if step in seen:
-            appeared, wall = seen[step]
-            from_log.append((appeared - wall) * 1e3)
+            appeared = seen[step]
+            from_log.append((appeared - last_log[step]) * 1e3)
             from_complete.append((appeared - complete[step + 1]) * 1e3)
     return {
         "steps_seen": len(seen),
         "steps": steps,
         "from_log_ms": from_log,
         "from_complete_ms": from_complete,
-        "finished": all(ok for _, ok in results.values()),
+        "finished": all(ok for _, _, ok in results.values()),
     }
 
 
