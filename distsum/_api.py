@@ -21,7 +21,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from distsum import _validate
-from distsum._client import EXACT_STEPS, HISTOGRAM, IMAGES, SCALAR, TEXT, Client, ClientOptions, series_of
+from distsum._client import (
+    HISTOGRAM,
+    IMAGES,
+    SCALAR,
+    TEXT,
+    Client,
+    ClientOptions,
+    pack_row,
+    series_of,
+    unpack_row,
+)
 from distsum._embedded import EmbeddedAggregator
 from distsum._errors import DistsumError
 from distsum._image import prepare_images
@@ -87,8 +97,9 @@ class _NoQueue:
     def __len__(self) -> int:
         return 0
 
-    def __iadd__(self, row: tuple[int, int, float]) -> _NoQueue:
-        client().put(*row, None)
+    def __iadd__(self, row: bytes) -> _NoQueue:
+        series, step, value = unpack_row(row)
+        client().put(series, step, value, None)
         return self
 
 
@@ -96,7 +107,7 @@ _NO_QUEUE: Any = _NoQueue()
 
 # The scalar calls append rows to the client's queue themselves (Client.scalar_rows), checking
 # its length against _row_limit whenever a call brings a step they have not checked yet.
-_rows: list[float] = _NO_QUEUE
+_rows: bytearray = _NO_QUEUE
 _row_limit = 0
 
 
@@ -284,7 +295,6 @@ class ScalarCall(Protocol):
 
 
 _MEAN = "mean"
-_EXACT_BITS = EXACT_STEPS.bit_length() - 1
 
 
 def _scalar_call(subrun: str) -> ScalarCall:
@@ -316,18 +326,15 @@ def _scalar_call(subrun: str) -> ScalarCall:
         if type(value) is not float:
             value = _validate.as_scalar(value, tag)
         if step is not checked:
-            # A negative step and one a double cannot hold exactly both shift to nonzero.
-            if type(step) is not int or step >> _EXACT_BITS:
+            # A negative step and one of 2**63 or more both shift to nonzero.
+            if type(step) is not int or step >> 63:
                 step = _validate.check_step(step, tag)
-                if step >= EXACT_STEPS:
-                    client().put(series, step, value, None)
-                    return
             if len(_rows) >= _row_limit:
                 client().put(series, step, value, None)  # refuses, or drops and counts
                 return
             checked = step
         rows = _rows
-        rows += (series, step, value)
+        rows += pack_row(series, step, value)
 
     return scalar
 

@@ -8,12 +8,13 @@ a connection or an aggregator is sent again, and the aggregator drops the copies
 (run, rank, stream, seq). Between rounds it waits on the socket and a wake-up pipe together, so
 acknowledgements are read as they arrive and a flush goes out at once.
 
-The queue is a list of rows of three numbers, ``(series, step, value)``, each appended with one
-``+=`` of a tuple: the cheapest append CPython has, and atomic, so rows from different threads
-never interleave. The sender turns the rows it takes into numpy columns with one ``fromiter``.
+The queue is a ``bytearray`` of packed rows ``(series uint32, step int64, value float64)``, each
+appended with ``queue += pack_row(series, step, value)``: one C call that converts the numbers
+and one in-place concatenation, atomic, so rows from different threads never interleave. The
+sender takes the rows as numpy columns with one copy, without touching a Python object per row.
 A scalar's wall time is when the sender batches its row, normally within ``batch_interval`` of
 the call: calling ``time.time()`` in the training thread would cost a third of the call. Any other
-record (and every flush marker) waits in ``_breaks`` under a number, and a row ``(-1, number,
+record (and every flush marker) waits in ``_breaks`` under a number, and a row ``(BREAK, number,
 0.0)`` holds its place in the queue.
 """
 
@@ -27,6 +28,7 @@ import math
 import os
 import random
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -71,11 +73,13 @@ SCALAR, HISTOGRAM, IMAGES, TEXT = wire_pb2.SCALAR, wire_pb2.HISTOGRAM, wire_pb2.
 # Events passed through unmerged (wire Raw records); they have no series.
 RAW = "raw"
 
-# Doubles hold every integer below 2**53 exactly: a step at or beyond it is queued as a record of
-# its own, not as a row.
-EXACT_STEPS = 1 << 53
-# Numbers per row of the record queue.
-_ROW_WIDTH = 3
+# A row of the record queue; pack_row(series, step, value) packs one.
+_ROW = struct.Struct("<Iqd")
+pack_row, unpack_row = _ROW.pack, _ROW.unpack
+_ROW_DTYPE = np.dtype([("series", "<u4"), ("step", "<i8"), ("value", "<f8")])
+assert _ROW_DTYPE.itemsize == _ROW.size
+# The series of a row that holds the place of a break; series numbers stay below it.
+BREAK = (1 << 32) - 1
 # What a scalar adds to a batch: its four column entries.
 _SCALAR_BYTES = 28
 # Series tables kept by the sender; beyond this many, it starts over.
@@ -131,6 +135,8 @@ def series_of(kind: Any, subrun: str, tag: str, reduce: tuple[Any, ...], max_out
         with _series_lock:
             number = _series_numbers.get(key)
             if number is None:
+                if len(_series) >= BREAK:
+                    raise DistsumError(f"this process has logged {BREAK} series, as many as a row can name")
                 _series.append(Series(kind, subrun, tag, reduce, max_outputs))
                 number = _series_numbers[key] = len(_series) - 1
     return number
@@ -147,7 +153,7 @@ class _Marker:
 
 
 class _Record:
-    """A record that is not a row: a histogram, images, text, a raw event, a scalar of a huge step."""
+    """A record that is not a row: a histogram, images, text, a raw event, a scalar with a wall time."""
 
     __slots__ = ("payload", "series", "step", "wall")
 
@@ -193,13 +199,13 @@ class Client:
         self._in_flight: collections.deque[tuple[int, int]] = collections.deque()
         self._in_flight_bytes = 0
         self._window_full = False
-        self._queue: list[float] = []
-        self._row_limit = _ROW_WIDTH * self.options.max_buffered
+        self._queue = bytearray()
+        self._row_limit = _ROW.size * self.options.max_buffered
         self._breaks: dict[int, _Record | _Marker] = {}
         self._break_numbers = itertools.count()
         # The sender's rows taken off the queue and not yet batched, from _row on; _stops lists
         # the places in them that hold a break.
-        self._rows = np.empty((0, _ROW_WIDTH))
+        self._rows = np.empty(0, dtype=_ROW_DTYPE)
         self._row = 0
         self._stops: collections.deque[int] = collections.deque()
         self._previous: list[_Record] = []
@@ -250,12 +256,12 @@ class Client:
         """Whether this is a forked child of the process that made the client (unusable here)."""
         return self._generation != _fork_generation
 
-    def scalar_rows(self) -> tuple[list[float], int]:
+    def scalar_rows(self) -> tuple[bytearray, int]:
         """The record queue and the length below which a row may be appended to it directly.
 
-        A row is ``(series_of(...), step, value)`` of a scalar series, a plain int step below
-        ``EXACT_STEPS`` and a float value, appended with ``queue += row``. The caller must stop
-        once the client closes or the process forks (``put`` refuses then, saying why).
+        A row is ``pack_row(series_of(...), step, value)`` of a scalar series, a checked step and
+        a float value, appended with ``queue += row``. The caller must stop once the client
+        closes or the process forks (``put`` refuses then, saying why).
         """
         return self._queue, self._row_limit
 
@@ -285,8 +291,8 @@ class Client:
                     self.options.max_buffered,
                 )
             return
-        if wall is None and _series[series].kind == SCALAR and step < EXACT_STEPS:
-            self._queue += (series, step, float(payload))
+        if wall is None and _series[series].kind == SCALAR:
+            self._queue += pack_row(series, step, float(payload))
         else:
             self._enqueue_break(_Record(series, step, payload, time.time() if wall is None else wall))
 
@@ -294,7 +300,7 @@ class Client:
         number = next(self._break_numbers)
         # The entry before its row: the sender, having found the row, must find the entry.
         self._breaks[number] = entry
-        self._queue += (-1, number, 0.0)
+        self._queue += pack_row(BREAK, number, 0.0)
 
     def _wake(self) -> None:
         # A full pipe holds wake-ups the sender has yet to read: it wakes anyway.
@@ -457,7 +463,7 @@ class Client:
             # At a break, with room for it.
             self._stops.popleft()
             self._row += 1
-            entry = self._breaks.pop(int(self._rows[stop, 1]))
+            entry = self._breaks.pop(int(self._rows["step"][stop]))
             if isinstance(entry, _Marker):
                 markers.append(entry)  # a flush covers what came before it; the rest goes next
                 break
@@ -469,30 +475,30 @@ class Client:
 
     def _take_rows(self, room: int) -> bool:
         """Move up to ``room`` rows from the front of the queue to the sender's; False if none."""
-        n = min(len(self._queue) // _ROW_WIDTH, room)
+        n = min(len(self._queue) // _ROW.size, room)
         if n == 0:
             return False
-        # Read, then deleted: the training thread only appends, so the front stays put between.
-        # fromiter runs no Python code for ints and floats, so nothing is appended while it reads.
-        count = _ROW_WIDTH * n
-        self._rows = np.fromiter(self._queue, dtype=np.float64, count=count).reshape(n, _ROW_WIDTH)
-        del self._queue[:count]
+        # A copy, then a delete: the training thread only appends, so the front stays put between.
+        # Never a view: while the queue's buffer is exported, appending to it fails.
+        size = _ROW.size * n
+        self._rows = np.frombuffer(self._queue[:size], dtype=_ROW_DTYPE)
+        del self._queue[:size]
         self._row = 0
-        self._stops = collections.deque(np.flatnonzero(self._rows[:, 0] < 0).tolist())
+        self._stops = collections.deque(np.flatnonzero(self._rows["series"] == BREAK).tolist())
         return True
 
     def _encode(self, rows: np.ndarray, others: list[_Record], markers: list[_Marker]) -> bytes:
         batch = wire_pb2.Batch(seq=self._seq)
         batch.origin.CopyFrom(self._origin)
-        numbers, steps = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+        numbers, steps, values = rows["series"].astype(np.intp), rows["step"], rows["value"]
         # The rows' wall time: when they are batched, within about batch_interval of their calls.
-        values, walls = rows[:, 2], np.full(len(rows), time.time())
-        huge = [r for r in others if _series[r.series].kind == SCALAR]
-        if huge:
-            numbers = np.concatenate([numbers, [r.series for r in huge]])
-            steps = np.concatenate([steps, np.array([r.step for r in huge], dtype=np.int64)])
-            values = np.concatenate([values, [float(r.payload) for r in huge]])
-            walls = np.concatenate([walls, [r.wall for r in huge]])
+        walls = np.full(len(rows), time.time())
+        stamped = [r for r in others if _series[r.series].kind == SCALAR]  # given a wall time
+        if stamped:
+            numbers = np.concatenate([numbers, [r.series for r in stamped]])
+            steps = np.concatenate([steps, np.array([r.step for r in stamped], dtype=np.int64)])
+            values = np.concatenate([values, [float(r.payload) for r in stamped]])
+            walls = np.concatenate([walls, [r.wall for r in stamped]])
         # Each series used once per batch, in the order of their numbers in this process.
         used = np.zeros(len(_series), dtype=bool)
         used[numbers] = True

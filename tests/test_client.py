@@ -165,7 +165,7 @@ def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_pa
                 distsum.text("note", f"step {step}", step)
             if step % 11 == 0:
                 assert distsum.flush(30)
-        # Steps a double cannot hold exactly still arrive exactly.
+        # Steps a double cannot hold exactly arrive exactly (rows carry int64 steps).
         for step in (2**53 - 1, 2**53, 2**53 + 1, 2**62 + 3, 2**63 - 1):
             distsum.scalar("huge", 2.0, step)
         assert distsum.finish(60)
