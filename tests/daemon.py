@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+
+import distsum
 
 
 def start_daemon(logdir, *args: str) -> tuple[subprocess.Popen[str], str]:
@@ -30,3 +35,20 @@ def stop_daemon(proc: subprocess.Popen[str]) -> tuple[int, str]:
         proc.communicate()
         raise
     return proc.returncode, err
+
+
+@contextlib.contextmanager
+def rank_of_a_daemon(tmp_path: pathlib.Path, **options: object) -> Iterator[pathlib.Path]:
+    """A standalone aggregator on ``tmp_path/runs`` and this process as rank 0 of 1 of its run
+    "job", with ``options`` for ``distsum.init``; yields the run's directory. On the way out
+    finishes (bounded) and checks that the aggregator stopped cleanly."""
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
+    try:
+        distsum.init(0, 1, addr=addr, run="job", **options)
+        try:
+            yield tmp_path / "runs" / "job"
+        finally:
+            distsum.finish(5)
+    finally:
+        assert stop_daemon(proc)[0] == 0

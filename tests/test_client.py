@@ -21,7 +21,7 @@ from distsum._wire import (
     scalar_columns,
     set_scalar_columns,
 )
-from tests.daemon import start_daemon, stop_daemon
+from tests.daemon import rank_of_a_daemon, start_daemon, stop_daemon
 from tests.tbreaders import acc_histograms, acc_scalars, acc_text, accumulate
 
 # Bounds on how long a prompt flush may take: generous, since the machine may be busy; the
@@ -146,13 +146,10 @@ def test_finish_with_the_embedded_aggregator_and_a_one_second_batch_interval(tmp
 
 
 def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_path):
-    addr = f"ipc://{tmp_path}/agg.sock"
-    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     rng = np.random.default_rng(7)
     histograms = {}
     # Small batches: cut by the record count, by the size of histograms, and by each flush.
-    distsum.init(0, 1, addr=addr, run="job", max_batch_records=7, max_batch_bytes=50_000)
-    try:
+    with rank_of_a_daemon(tmp_path, max_batch_records=7, max_batch_bytes=50_000) as run:
         test = distsum.writer("test")
         for step in range(40):
             distsum.scalar("loss", step / 8, step)
@@ -169,15 +166,10 @@ def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_pa
         for step in (2**53 - 1, 2**53, 2**53 + 1, 2**62 + 3, 2**63 - 1):
             distsum.scalar("huge", 2.0, step)
         assert distsum.finish(60)
-    finally:
-        distsum.finish(5)
-        assert stop_daemon(proc)[0] == 0
-    acc = accumulate(tmp_path / "runs" / "job")
+    acc = accumulate(run)
     assert acc_scalars(acc, "loss") == [(s, s / 8) for s in range(40)]
     assert acc_scalars(acc, "sum") == acc_scalars(acc, "sum/max") == [(s, 1.0) for s in range(40)]
-    assert acc_scalars(accumulate(tmp_path / "runs" / "job" / "test"), "acc") == [
-        (s, float(np.float32(s / 4))) for s in range(40)
-    ]
+    assert acc_scalars(accumulate(run / "test"), "acc") == [(s, float(np.float32(s / 4))) for s in range(40)]
     assert acc_scalars(acc, "huge") == [(s, 2.0) for s in (2**53 - 1, 2**53, 2**53 + 1, 2**62 + 3, 2**63 - 1)]
     assert [s for s, _ in acc_histograms(acc, "weights")] == sorted(histograms)
     for step, rows in acc_histograms(acc, "weights"):
@@ -190,30 +182,21 @@ def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_pa
 
 @pytest.mark.parametrize("limits", [{"max_batch_records": 1}, {"max_batch_bytes": 1}])
 def test_batches_of_one_record_deliver_everything(tmp_path, limits):
-    addr = f"ipc://{tmp_path}/agg.sock"
-    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
-    distsum.init(0, 1, addr=addr, run="job", **limits)
-    try:
+    with rank_of_a_daemon(tmp_path, **limits) as run:
         for step in range(30):
             distsum.scalar("x", float(step), step)
             if step % 10 == 0:
                 distsum.text("t", "a", step)
                 assert distsum.flush(30)
         assert distsum.finish(60)
-    finally:
-        distsum.finish(5)
-        assert stop_daemon(proc)[0] == 0
-    acc = accumulate(tmp_path / "runs" / "job")
+    acc = accumulate(run)
     assert acc_scalars(acc, "x") == [(s, float(s)) for s in range(30)]
     assert [s for s, _ in acc_text(acc, "t")] == [0, 10, 20]
 
 
 def test_records_logged_from_several_threads_all_arrive(tmp_path):
-    addr = f"ipc://{tmp_path}/agg.sock"
-    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     steps = 3000
-    distsum.init(0, 1, addr=addr, run="job")
-    try:
+    with rank_of_a_daemon(tmp_path) as run:
 
         def log(name):
             for step in range(steps):
@@ -227,31 +210,22 @@ def test_records_logged_from_several_threads_all_arrive(tmp_path):
         for t in threads:
             t.join()
         assert distsum.finish(60)
-    finally:
-        distsum.finish(5)
-        assert stop_daemon(proc)[0] == 0
-    acc = accumulate(tmp_path / "runs" / "job")
+    acc = accumulate(run)
     for i in range(4):
         assert acc_scalars(acc, f"t{i}") == [(s, float(s)) for s in range(steps)]
         assert [s for s, _ in acc_text(acc, f"t{i}/text")] == list(range(0, steps, 500))
 
 
 def test_records_beyond_max_buffered_are_dropped_and_counted(tmp_path):
-    addr = f"ipc://{tmp_path}/agg.sock"
-    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
     # The sender takes nothing until the flush: its round and heartbeat are far away.
-    distsum.init(0, 1, addr=addr, run="job", max_buffered=10, batch_interval=60.0, heartbeat=60.0)
-    try:
+    with rank_of_a_daemon(tmp_path, max_buffered=10, batch_interval=60.0, heartbeat=60.0) as run:
         for step in range(25):
             distsum.scalar("x", 1.0, step)
         step = 1000
         for _ in range(5):  # one step object, found unchecked because the queue was full
             distsum.scalar("x", 1.0, step)
         assert distsum.finish(30)
-    finally:
-        distsum.finish(5)
-        assert stop_daemon(proc)[0] == 0
-    acc = accumulate(tmp_path / "runs" / "job")
+    acc = accumulate(run)
     assert acc_scalars(acc, "x") == [(s, 1.0) for s in range(10)]
     assert acc_scalars(acc, "distsum/dropped_records")[-1][1] == 20
 
