@@ -37,6 +37,12 @@ def stop_daemon(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def kill_daemon(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL, as a crash would: the aggregator writes nothing more."""
+    proc.kill()
+    proc.communicate()
+
+
 @contextlib.contextmanager
 def rank_of_a_daemon(tmp_path: pathlib.Path, **options: object) -> Iterator[pathlib.Path]:
     """A standalone aggregator on ``tmp_path/runs`` and this process as rank 0 of 1 of its run

@@ -17,7 +17,7 @@ import signal
 import pytest
 
 import distsum
-from tests.daemon import start_daemon, stop_daemon
+from tests.daemon import kill_daemon, start_daemon, stop_daemon
 from tests.tbreaders import acc_scalars, accumulate, poll_until
 from tests.test_faults import assert_each_tag_step_once
 
@@ -63,6 +63,10 @@ class Job:
         reply = self.replies[rank].get(timeout=60)
         assert reply[0] != "error", reply[1]
         return reply
+
+    def finish_all(self) -> None:
+        for rank in range(len(self.procs)):
+            assert self.tell(rank, "finish") == ("finished", True)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -139,8 +143,7 @@ def daemon(tmp_path):
     yield start
     for proc in procs:
         if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+            kill_daemon(proc)
 
 
 def test_records_merged_into_written_steps_are_not_written_again_as_late(tmp_path, daemon):
@@ -155,15 +158,13 @@ def test_records_merged_into_written_steps_are_not_written_again_as_late(tmp_pat
             job.tell(rank, "log", range(6))
         poll_until(lambda: {0, 1, 2, 3, 4} <= steps_of(run_dir), timeout=30)
         os.kill(job.procs[1].pid, signal.SIGSTOP)
-        proc.kill()
-        proc.communicate()
+        kill_daemon(proc)
         proc, _ = daemon(addr)
         job.tell(0, "log", range(6, 9))
         poll_until(lambda: 5 in steps_of(run_dir), timeout=30)
         os.kill(job.procs[1].pid, signal.SIGCONT)
         job.tell(1, "log", range(6, 9))
-        for rank in (0, 1):
-            assert job.tell(rank, "finish") == ("finished", True)
+        job.finish_all()
         assert stop_daemon(proc)[0] == 0
     finally:
         job.stop()
@@ -180,13 +181,11 @@ def test_records_never_seen_by_the_dead_aggregator_go_late_when_their_steps_were
     job = Job(addr)
     try:
         rank_0_alone(job, run_dir, range(6))
-        proc.kill()
-        proc.communicate()
+        kill_daemon(proc)
         proc, _ = daemon(addr)
         os.kill(job.procs[1].pid, signal.SIGCONT)
         assert job.reply(1) == ("logged", 1)
-        for rank in (0, 1):
-            assert job.tell(rank, "finish") == ("finished", True)
+        job.finish_all()
         assert stop_daemon(proc)[0] == 0
     finally:
         job.stop()
@@ -206,11 +205,9 @@ def test_late_records_written_before_the_crash_are_not_written_again(tmp_path, d
         os.kill(job.procs[1].pid, signal.SIGCONT)
         assert job.reply(1) == ("logged", 1)
         poll_until(lambda: 5 in steps_of(os.path.join(run_dir, "late", "rank_1")), timeout=30)
-        proc.kill()
-        proc.communicate()
+        kill_daemon(proc)
         proc, _ = daemon(addr)
-        for rank in (0, 1):
-            assert job.tell(rank, "finish") == ("finished", True)
+        job.finish_all()
         assert stop_daemon(proc)[0] == 0
     finally:
         job.stop()
@@ -251,8 +248,7 @@ def test_a_batch_durable_before_the_crash_is_a_duplicate_though_its_rank_missed_
         # Written and fsynced: the aggregator says so, and dies. The rank resends the batch as
         # one that missed this acknowledgement would.
         wait_for_durable_ack(sock, 77, 1)
-        proc.kill()
-        proc.communicate()
+        kill_daemon(proc)
         proc, _ = start_daemon(tmp_path, "--world-size", "1", "--bind", addr)
         sock.send(frame)
         wait_for_durable_ack(sock, 77, 1)
@@ -261,6 +257,5 @@ def test_a_batch_durable_before_the_crash_is_a_duplicate_though_its_rank_missed_
         sock.close()
         context.term()
         if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+            kill_daemon(proc)
     assert written(str(tmp_path / RUN)) == {"": {step: 1.0 for step in range(6)}}

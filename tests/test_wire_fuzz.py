@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -1685,16 +1685,26 @@ def test_a_name_the_file_system_refuses_does_not_kill_the_daemon(tmp_path, name)
     assert (tmp_path / "notes.txt").read_text() == "a file the user keeps in the logdir"
 
 
-def test_a_name_that_can_never_be_written_does_not_pile_up_in_memory(tmp_path):
+def daemon_rss_growth_kib(tmp_path, frames: Iterable[bytes]) -> int:
+    """How much the daemon's RSS grew, and stays grown, once it has handled ``frames``."""
     with daemon_and_peer(tmp_path) as (daemon, peer, result):
         before = vm_rss_kib(daemon.pid)
-        for i in range(12):  # 96 MiB of text for a run that can never be written
-            d = simple_draft("fuzz/" + "a" * 256, 99, seq=i + 1, steps=(i,))
-            d.batch.texts.add(series=d.add_series("book", TEXT), step=i, wall_time=1.0, text="x" * (8 << 20))
-            peer.send(d.build())
+        for frame in frames:
+            peer.send(frame)
         assert_survived(daemon, peer)  # also: everything sent before was handled
         growth = vm_rss_kib(daemon.pid) - before
     assert_clean_exit(result)
+    return growth
+
+
+def test_a_name_that_can_never_be_written_does_not_pile_up_in_memory(tmp_path):
+    def frames() -> Iterator[bytes]:
+        for i in range(12):  # 96 MiB of text for a run that can never be written
+            d = simple_draft("fuzz/" + "a" * 256, 99, seq=i + 1, steps=(i,))
+            d.batch.texts.add(series=d.add_series("book", TEXT), step=i, wall_time=1.0, text="x" * (8 << 20))
+            yield d.build()
+
+    growth = daemon_rss_growth_kib(tmp_path, frames())
     assert growth < 48 * 1024, f"daemon RSS grew by {growth} KiB and stays so"
 
 
@@ -1851,17 +1861,16 @@ def test_a_peer_claiming_the_next_routing_id_does_not_abort_the_daemon(tmp_path)
 
 def test_series_tables_sent_do_not_pile_up_in_memory(tmp_path):
     filler = [wire_pb2.Series(tag="t" * 1000, kind=TEXT)] * 2000
-    with daemon_and_peer(tmp_path) as (daemon, peer, result):
-        before = vm_rss_kib(daemon.pid)
+
+    def frames() -> Iterator[bytes]:
         for i in range(200):  # 200 valid tables of 2 MiB, a few bytes apart: 400 MiB
             d = Draft(seq=1)
             d.batch.origin.run, d.batch.origin.stream = "fuzz", 5
             d.series = [wire_pb2.Series(tag=f"x{i:03}", kind=TEXT), *filler]
             d.scalar(0, 1)
-            peer.send(d.build())
-        assert_survived(daemon, peer)  # also: everything sent before was handled
-        growth = vm_rss_kib(daemon.pid) - before
-    assert_clean_exit(result)
+            yield d.build()
+
+    growth = daemon_rss_growth_kib(tmp_path, frames())
     assert growth < 64 * 1024, f"daemon RSS grew by {growth} KiB and stays so"
 
 
