@@ -8,8 +8,8 @@ it is where everything that arrives from the network is checked before anything 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -85,9 +85,8 @@ def encode_batch(batch: wire_pb2.Batch, scalars: ScalarColumns | None = None) ->
     """
     parts = [b""]
     if scalars is not None:
-        for (name, dtype), column in zip(_COLUMNS, scalars, strict=True):
+        for name, data in _column_bytes(scalars):
             batch.ClearField(name)
-            data = np.asarray(column, dtype=dtype).tobytes()
             if data:
                 parts += (_COLUMN_TAGS[name], varint(len(data)), data)
     parts[0] = batch.SerializeToString()
@@ -144,8 +143,14 @@ def set_scalar_columns(
     batch: wire_pb2.Batch, series: np.ndarray, steps: np.ndarray, values: np.ndarray, wall_times: np.ndarray
 ) -> None:
     """Put scalar records, given as columns of one length, into ``batch``."""
-    for (name, dtype), column in zip(_COLUMNS, (series, steps, values, wall_times), strict=True):
-        setattr(batch, name, np.asarray(column, dtype=dtype).tobytes())
+    for name, data in _column_bytes((series, steps, values, wall_times)):
+        setattr(batch, name, data)
+
+
+def _column_bytes(columns: Iterable[Any]) -> Iterator[tuple[str, bytes]]:
+    """Each scalar column's field name and bytes on the wire."""
+    for (name, dtype), column in zip(_COLUMNS, columns, strict=True):
+        yield name, np.asarray(column, dtype=dtype).tobytes()
 
 
 def scalar_columns(batch: wire_pb2.Batch) -> ScalarColumns:
