@@ -27,6 +27,7 @@ everything, because the aggregator feeds it what ranks sent.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import dataclasses
 import math
@@ -222,6 +223,8 @@ def _bucket_indices(values: np.ndarray) -> np.ndarray:
 
 
 def _count(value: object, name: str) -> int:
+    if type(value) is int and 0 <= value <= _INT64_MAX:  # what the wire gives: no ABC check
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     result = int(value)
@@ -231,6 +234,8 @@ def _count(value: object, name: str) -> int:
 
 
 def _real(value: object, name: str) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     return float(value)
@@ -338,19 +343,28 @@ class Histogram:
         """
         index_array = _integer_vector(indices, "indices")
         count_array = _integer_vector(counts, "counts")
-        if index_array.size != count_array.size:
-            raise ValueError(f"{index_array.size} indices but {count_array.size} counts")
-        if index_array.size and (index_array.min() < 0 or index_array.max() >= NUM_BUCKETS):
+        n = index_array.size
+        if n != count_array.size:
+            raise ValueError(f"{n} indices but {count_array.size} counts")
+        # The aggregator runs this for every histogram of every rank, so the common case takes
+        # few passes: the ends of strictly increasing indices bound all of them. (As intp, an
+        # index of 2**63 or more turns negative, and is refused either way.)
+        index_array = index_array.astype(np.intp, copy=False)
+        if n and (index_array[0] < 0 or index_array[-1] >= NUM_BUCKETS):
             raise ValueError(
                 f"bucket indices must be in [0, {NUM_BUCKETS}), got {index_array.min()}..{index_array.max()}"
             )
-        if count_array.size and (count_array.min() <= 0 or count_array.max() > _INT64_MAX):
-            raise ValueError(f"counts must be in [1, 2**63), got {count_array.min()}..{count_array.max()}")
-        index_array = index_array.astype(np.intp)
-        if np.any(np.diff(index_array) <= 0):
+        if n > 1 and bool((np.diff(index_array) <= 0).any()):
             raise ValueError("bucket indices must be strictly increasing")
-        # Python ints: the total of untrusted int64 counts could overflow numpy's sum.
-        total = builtins.sum(count_array.tolist())
+        lowest, highest = (int(count_array.min()), int(count_array.max())) if n else (1, 0)
+        if lowest <= 0 or highest > _INT64_MAX:
+            raise ValueError(f"counts must be in [1, 2**63), got {lowest}..{highest}")
+        # At most NUM_BUCKETS counts now: numpy's sum cannot overflow below this bound, Python
+        # ints take the rest.
+        if highest <= _INT64_MAX // NUM_BUCKETS:
+            total = int(count_array.sum())
+        else:
+            total = builtins.sum(count_array.tolist())
         if total > _INT64_MAX:
             raise ValueError(f"total count {total} does not fit in int64")
         if num is not None and _count(num, "num") != total:
@@ -539,5 +553,9 @@ class Histogram:
         )
 
 
+_LIMITS = BUCKET_LIMITS.tolist()
+
+
 def _bucket_of(value: float) -> int:
-    return min(int(np.searchsorted(BUCKET_LIMITS, value, side="right")), NUM_BUCKETS - 1)
+    # bisect on a list: a tenth of np.searchsorted's time for one value, the same comparisons.
+    return min(bisect.bisect_right(_LIMITS, value), NUM_BUCKETS - 1)

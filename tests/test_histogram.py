@@ -593,6 +593,23 @@ def test_from_parts_rejects_inconsistent_input(change, message):
         Histogram.from_parts(**arguments)
 
 
+def test_from_parts_counts_up_to_the_int64_limit_exactly():
+    # Every bucket that can hold a value, with counts so large that the total reaches 2**63 - 1:
+    # one count above the bound where numpy's sum is safe, so the total is taken in Python ints.
+    indices = np.arange(1, NUM_BUCKETS)
+    counts = np.full(indices.size, (2**63 - 1) // NUM_BUCKETS, dtype=np.int64)
+    counts[-1] += 2**63 - 1 - int(counts.sum(dtype=object))
+    largest = float(np.finfo(np.float64).max)
+    parts = {"min": -largest, "max": largest, "sum": 0.0, "sum_squares": 0.0}
+    parts |= {"nan": 0, "posinf": 0, "neginf": 0}
+    histogram = Histogram.from_parts(indices, counts, **parts, num=2**63 - 1)
+    assert histogram.num == 2**63 - 1
+    assert histogram.counts[1:].tolist() == counts.tolist()
+    counts[0] += 1
+    with pytest.raises(ValueError, match="does not fit"):
+        Histogram.from_parts(indices, counts, **parts)
+
+
 def test_from_parts_empty_and_single_value():
     empty = Histogram.from_values(np.array([np.nan]), tag="t")
     assert Histogram.from_parts([], [], **parts_of(empty)) == empty
