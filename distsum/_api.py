@@ -18,8 +18,6 @@ import threading
 import time
 from typing import Any, Protocol
 
-import numpy as np
-
 from distsum import _validate
 from distsum._client import (
     HISTOGRAM,
@@ -356,7 +354,7 @@ class Writer:
         if array.dtype.kind not in "iuf":
             raise TypeError(f"histogram values for tag {tag!r} must be real numbers, got dtype {array.dtype}")
         # A copy: the training loop may change its array before the sender thread buckets it.
-        client().add(((HISTOGRAM, self.subrun, tag, (), 0), step, np.array(array, copy=True), None))
+        client().add_values((HISTOGRAM, self.subrun, tag, (), 0), step, array)
 
     def image(
         self, tag: str, images: Any, step: int, *, max_outputs: int = 3, dataformats: str = "NHWC"

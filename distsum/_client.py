@@ -84,6 +84,8 @@ BREAK = (1 << 32) - 1
 _SCALAR_BYTES = 28
 # Series tables kept by the sender; beyond this many, it starts over.
 _MAX_TABLES = 256
+# Bytes of bucketed histogram value arrays kept for the training thread's next copies.
+_MAX_SPARE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,12 +155,17 @@ class _Marker:
 
 
 class _Record:
-    """A record that is not a row: a histogram, images, text, a raw event, a scalar with a wall time."""
+    """A record that is not a row: a histogram, images, text, a raw event, a scalar with a wall time.
 
-    __slots__ = ("payload", "series", "step", "wall")
+    ``spare``: the payload is an array of the client's own (``add_values``), which the sender
+    keeps for later copies once it has bucketed it.
+    """
 
-    def __init__(self, series: int, step: int, payload: Any, wall: float) -> None:
+    __slots__ = ("payload", "series", "spare", "step", "wall")
+
+    def __init__(self, series: int, step: int, payload: Any, wall: float, spare: bool = False) -> None:
         self.series, self.step, self.payload, self.wall = series, step, payload, wall
+        self.spare = spare
 
 
 class Client:
@@ -209,6 +216,12 @@ class Client:
         self._row = 0
         self._stops: collections.deque[int] = collections.deque()
         self._previous: list[_Record] = []
+        # Arrays of histogram values the sender has bucketed, by (dtype, size), for the training
+        # thread's next copies: fresh memory for a copy page-faults in, at several times the cost
+        # of the copy itself. At most _MAX_SPARE_BYTES in all.
+        self._spares: dict[tuple[str, int], list[np.ndarray]] = {}
+        self._spare_bytes = 0
+        self._spare_lock = threading.Lock()
         self._tables: dict[bytes, bytes] = {}
         self.dropped = 0
         self._warned = False
@@ -270,7 +283,32 @@ class Client:
         number = _series_numbers.get(key)
         self.put(series_of(*key) if number is None else number, step, payload, wall)
 
-    def put(self, series: int, step: int, payload: Any, wall: float | None) -> None:
+    def add_values(self, key: tuple[Any, ...], step: int, values: np.ndarray) -> None:
+        """``add`` a histogram record of a copy of ``values`` (a real-valued array), in an array the
+        sender gave back if one of that dtype and size is spare: the caller may change ``values``
+        as soon as this returns."""
+        copy = None
+        with self._spare_lock:
+            spares = self._spares.get((values.dtype.str, values.size))
+            if spares:
+                copy = spares.pop()
+                self._spare_bytes -= copy.nbytes
+        if copy is None:
+            copy = np.empty(values.size, dtype=values.dtype)
+        np.copyto(copy.reshape(values.shape), values)
+        number = _series_numbers.get(key)
+        self.put(series_of(*key) if number is None else number, step, copy, None, spare=True)
+
+    def _keep_spares(self, records: list[_Record]) -> None:
+        """Keep the value arrays of ``records``, bucketed now, for ``add_values`` (up to a bound)."""
+        with self._spare_lock:
+            for record in records:
+                values = record.payload
+                if record.spare and self._spare_bytes + values.nbytes <= _MAX_SPARE_BYTES:
+                    self._spares.setdefault((values.dtype.str, values.size), []).append(values)
+                    self._spare_bytes += values.nbytes
+
+    def put(self, series: int, step: int, payload: Any, wall: float | None, *, spare: bool = False) -> None:
         """Queue one record of series number ``series`` (``series_of``; see ``add``).
 
         A scalar without a wall time becomes a row, stamped when the sender batches it; every other
@@ -294,7 +332,7 @@ class Client:
         if wall is None and _series[series].kind == SCALAR:
             self._queue += pack_row(series, step, float(payload))
         else:
-            self._enqueue_break(_Record(series, step, payload, time.time() if wall is None else wall))
+            self._enqueue_break(_Record(series, step, payload, time.time() if wall is None else wall, spare))
 
     def _enqueue_break(self, entry: _Record | _Marker) -> None:
         number = next(self._break_numbers)
@@ -414,14 +452,16 @@ class Client:
         """Batch everything queued (at least one batch: an empty one is a heartbeat)."""
         while True:
             rows, others, markers, cut = self._drain()
-            # The previous batch's payloads (histogram values) are let go only now, while the
-            # training thread is making the next ones: freed all at once between rounds, they
-            # leave the top of the heap free and malloc returns it to the kernel, so every copy
-            # of the next burst page-faults fresh memory in (several times the cost of a copy).
+            # The previous batch's payloads (pixels, histogram values beyond the spares) are let
+            # go only now, while the training thread is making the next ones: freed all at once
+            # between rounds, they leave the top of the heap free and malloc returns it to the
+            # kernel, so every copy of the next burst page-faults fresh memory in (several times
+            # the cost of a copy).
             self._previous, previous = others, self._previous
             del previous
             self._seq += 1
             data = self._encode(rows, others, markers)
+            self._keep_spares(others)
             self._unacked.add(self._seq, data, len(rows) + len(others))
             for marker in markers:
                 marker.seq = self._seq

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import distsum
+from distsum import _client
 from distsum._histogram import Histogram
 from distsum._proto import wire_pb2
 from distsum._wire import (
@@ -178,6 +179,41 @@ def test_every_kind_of_record_arrives_exactly_with_batches_cut_everywhere(tmp_pa
     assert [(s, str(t)) for s, t in acc_text(acc, "note")] == [
         (s, f"**rank 0**\n\nstep {s}") for s in range(0, 40, 5)
     ]
+
+
+def test_histograms_copied_into_the_senders_spare_arrays_arrive_exactly(tmp_path, monkeypatch):
+    # Room for two spare arrays of 20,000 float64; each round buckets four.
+    bound = 2 * 20_000 * 8
+    monkeypatch.setattr(_client, "_MAX_SPARE_BYTES", bound)
+    rng = np.random.default_rng(3)
+    source = np.empty(20_000)  # one array the caller refills every step, like a gradient buffer
+    logged = {}
+    with rank_of_a_daemon(tmp_path) as run:
+        client = distsum._api.client()
+        for step in range(40):
+            source[:] = rng.normal(step, 1.0, source.size)
+            logged[step] = source.copy()
+            distsum.histogram("grad", source, step)
+            if step % 4 == 3:
+                assert distsum.flush(30)
+                # Bucketed and sent: the sender keeps the copies up to the bound, never the caller's.
+                spares = [a for arrays in client._spares.values() for a in arrays]
+                assert client._spare_bytes == sum(a.nbytes for a in spares) == bound
+                assert not any(np.shares_memory(a, source) for a in spares)
+        # The next copy goes into a spare array.
+        distsum.histogram("grad", source, 40)
+        logged[40] = source.copy()
+        assert client._spare_bytes == bound - source.nbytes
+        # Back to back, while the sender buckets and gives arrays back.
+        for step in range(41, 400):
+            source[:] = rng.normal(step, 1.0, source.size)
+            logged[step] = source.copy()
+            distsum.histogram("grad", source, step)
+        assert distsum.finish(60)
+    histograms = acc_histograms(accumulate(run), "grad")
+    assert [s for s, _ in histograms] == sorted(logged)
+    for step, rows in histograms:
+        np.testing.assert_array_equal(rows, Histogram.from_values(logged[step], tag="g").rows())
 
 
 @pytest.mark.parametrize("limits", [{"max_batch_records": 1}, {"max_batch_bytes": 1}])
