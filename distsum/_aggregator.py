@@ -338,24 +338,29 @@ class Aggregator:
                 # Durable before the crash, though the rank may have missed the acknowledgement.
                 start = max(start, earlier.durable)
             stream = self._streams[key] = _Stream(origin.run, origin.rank, identity, start, start)
-            # A rank number has one process at a time: a new stream of it (a restarted rank)
-            # supersedes the old one, which must not later time out and take the new one along.
-            for old in run.streams:
-                if old.rank == origin.rank and not old.finished:
-                    old.finished = True
-                    run.active -= 1
             stream.earlier = earlier
-            run.active += 1
             run.streams.append(stream)
-            self._last_join = time.monotonic()
-            run.merger.rank_joined(origin.rank)
-            log.info(
-                "rank %d of run %r joined (pid %d on %s)",
-                origin.rank,
-                origin.run or ".",
-                origin.pid,
-                origin.host,
-            )
+            if earlier is not None and earlier.done:
+                # An earlier aggregator made all of it durable, and it resends because it missed
+                # the acknowledgement: it is not waited for again.
+                stream.finished = True
+            else:
+                # A rank number has one process at a time: a new stream of it (a restarted rank)
+                # supersedes the old one, which must not later time out and take the new one along.
+                for old in run.streams:
+                    if old.rank == origin.rank and not old.finished and old is not stream:
+                        old.finished = True
+                        run.active -= 1
+                run.active += 1
+                self._last_join = time.monotonic()
+                run.merger.rank_joined(origin.rank)
+                log.info(
+                    "rank %d of run %r joined (pid %d on %s)",
+                    origin.rank,
+                    origin.run or ".",
+                    origin.pid,
+                    origin.host,
+                )
         stream.identity = identity
         stream.last_seen = time.monotonic()
         stream.dropped = max(stream.dropped, batch.dropped)
@@ -410,6 +415,13 @@ class Aggregator:
             )
             if recovered:
                 log.info("run %r: read back %d series written before", name or ".", len(recovered))
+            # Ranks done with an earlier aggregator (everything durable) never come back with
+            # records: not waited for.
+            done: dict[int, bool] = {}
+            for (rank, _), progress in run.journal.earlier.items():
+                done[rank] = done.get(rank, True) and progress.done
+            for rank in [rank for rank, gone in done.items() if gone]:
+                run.merger.rank_left(rank)
             # Claimed first, so a rank's own series of these names counts as a conflict instead
             # of writing the same (tag, step) twice.
             for tag in _HEALTH_TAGS:
@@ -496,7 +508,9 @@ class Aggregator:
             + len(batch.texts)
             + len(batch.raws)
         )
-        run.journal.merged(rank, batch.origin.stream, batch.seq, late if late.ByteSize() else None)
+        run.journal.merged(
+            rank, batch.origin.stream, batch.seq, late if late.ByteSize() else None, finished=batch.finish
+        )
         for step in steps:
             stream.open_steps.setdefault(step, batch.seq)
 

@@ -11,6 +11,10 @@ order, and a process that dies leaves what it wrote). A new aggregator reads it 
 each resent batch the way the old one took it; see ``RunMerger`` for how a replayed record is
 recognised as written.
 
+It also says which streams have sent their last batch. A rank whose last batch the dead
+aggregator made durable never comes back with records, and the new one would otherwise wait for
+it at every step until the step timeout.
+
 Only batches beyond a stream's durable point can come again, and those up to it are answered as
 duplicates (the rank may have missed the acknowledgement), so at every fsync the journal is
 rewritten as one snapshot: each stream's durable point, and the late records of its batches
@@ -38,11 +42,19 @@ JOURNAL_NAME = ".distsum-journal"
 
 @dataclass
 class Progress:
-    """One stream: batches up to ``merged`` were merged; ``late`` lists their late records."""
+    """One stream: batches up to ``merged`` were merged; ``late`` lists their late records;
+    ``finished``: its last batch was among them."""
 
     merged: int = 0
     durable: int = 0
     late: dict[int, journal_pb2.LateRecords] = field(default_factory=dict)
+    finished: bool = False
+
+    @property
+    def done(self) -> bool:
+        """Its last batch is durable: the stream sends nothing more but resends of batches whose
+        acknowledgement it missed. (Finished and not durable, it resends everything beyond.)"""
+        return self.finished and self.durable >= self.merged
 
     def prune(self) -> None:
         for seq in [seq for seq in self.late if seq <= self.durable]:
@@ -62,7 +74,9 @@ class Journal:
         self.dirty = False
         self._load()
         # What an earlier aggregator left, by (rank, stream); never changed by this one.
-        self.earlier = {key: Progress(p.merged, p.durable, dict(p.late)) for key, p in self._progress.items()}
+        self.earlier = {
+            key: Progress(p.merged, p.durable, dict(p.late), p.finished) for key, p in self._progress.items()
+        }
 
     def _load(self) -> None:
         try:
@@ -83,17 +97,28 @@ class Journal:
                 p = self._progress.setdefault((s.rank, s.stream), Progress())
                 p.merged = max(p.merged, s.merged)
                 p.durable = max(p.durable, s.durable)
+                p.finished = p.finished or s.finished
                 for late in s.late:
                     p.late[late.seq] = late
                 p.prune()
 
-    def merged(self, rank: int, stream: int, seq: int, late: journal_pb2.LateRecords | None) -> None:
-        """Batch ``seq`` of the stream was handed to the merger; ``late``: its late records."""
+    def merged(
+        self,
+        rank: int,
+        stream: int,
+        seq: int,
+        late: journal_pb2.LateRecords | None,
+        *,
+        finished: bool = False,
+    ) -> None:
+        """Batch ``seq`` of the stream was handed to the merger; ``late``: its late records;
+        ``finished``: it was the stream's last."""
         key = (rank, stream)
         p = self._progress.get(key)
         if p is None:
             p = self._progress[key] = Progress()
         p.merged = max(p.merged, seq)
+        p.finished = p.finished or finished
         if late is not None:
             late.seq = seq
             p.late[seq] = late
@@ -131,7 +156,12 @@ class Journal:
         for key in self._changed:
             p = self._progress[key]
             entry.streams.add(
-                rank=key[0], stream=key[1], merged=p.merged, durable=p.durable, late=late_by_key.get(key, ())
+                rank=key[0],
+                stream=key[1],
+                merged=p.merged,
+                durable=p.durable,
+                late=late_by_key.get(key, ()),
+                finished=p.finished,
             )
         data = frame(entry.SerializeToString())
         if self._file is None:
@@ -167,7 +197,12 @@ class Journal:
         entry = journal_pb2.Entry(snapshot=True)
         for (rank, stream), p in self._progress.items():
             entry.streams.add(
-                rank=rank, stream=stream, merged=p.merged, durable=p.durable, late=list(p.late.values())
+                rank=rank,
+                stream=stream,
+                merged=p.merged,
+                durable=p.durable,
+                late=list(p.late.values()),
+                finished=p.finished,
             )
         data = frame(entry.SerializeToString())
         temporary = self.path + ".new"

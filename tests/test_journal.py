@@ -60,6 +60,28 @@ def test_a_checkpoint_keeps_durable_points_and_the_late_records_beyond_them(tmp_
     assert sorted(os.listdir(tmp_path)) == [JOURNAL_NAME]
 
 
+def test_a_stream_that_finished_is_read_back_as_finished_from_appends_and_snapshots(tmp_path) -> None:
+    j = Journal(str(tmp_path))
+    j.merged(0, 11, 1, None)
+    j.merged(1, 12, 1, None)
+    j.merged(1, 12, 2, None, finished=True)
+    j.append()
+    j.close()
+    earlier = Journal(str(tmp_path)).earlier
+    assert not earlier[0, 11].finished and earlier[1, 12].finished
+    # Finished, but not durable: the rank will resend, so it is not done.
+    assert not earlier[1, 12].done
+    # Still finished after a checkpoint, and after later entries that do not say so again.
+    j.durable(1, 12, 2)
+    j.checkpoint()
+    j.merged(0, 11, 2, None)
+    j.append()
+    j.close()
+    earlier = Journal(str(tmp_path)).earlier
+    assert not earlier[0, 11].finished and earlier[1, 12].finished and earlier[1, 12].durable == 2
+    assert earlier[1, 12].done and not earlier[0, 11].done
+
+
 def test_what_an_earlier_aggregator_left_survives_a_second_restart(tmp_path) -> None:
     j = Journal(str(tmp_path))
     j.merged(0, 11, 5, journal_pb2.LateRecords(histograms=[1]))

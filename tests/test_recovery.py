@@ -13,10 +13,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 
 import pytest
 
 import distsum
+from distsum._journal import Journal
 from tests.daemon import kill_daemon, start_daemon, stop_daemon
 from tests.tbreaders import acc_scalars, accumulate, poll_until
 from tests.test_faults import assert_each_tag_step_once
@@ -132,8 +134,9 @@ def rank_0_alone(job: Job, run_dir: str, steps: range) -> None:
 def daemon(tmp_path):
     procs = []
 
-    def start(addr: str | None = None):
-        args = ["--world-size", "2", "--step-timeout", "1", "--flush-secs", "3600", "--rank-timeout", "600"]
+    def start(addr: str | None = None, step_timeout: float = 1):
+        args = ["--world-size", "2", "--step-timeout", str(step_timeout), "--flush-secs", "3600"]
+        args += ["--rank-timeout", "600"]
         if addr is not None:
             args += ["--bind", addr]
         proc, address = start_daemon(tmp_path, *args)
@@ -171,6 +174,66 @@ def test_records_merged_into_written_steps_are_not_written_again_as_late(tmp_pat
     runs = assert_each_record_once(run_dir, {0: set(range(9)), 1: set(range(9))})
     assert all(runs[""][step] == 3.0 for step in range(5))
     assert runs[""][5] == 1.0 and runs["late/rank_1"][5] == 2.0
+
+
+def test_a_rank_that_finished_with_the_dead_aggregator_is_not_waited_for_by_the_next(tmp_path, daemon):
+    # Rank 1 finishes while rank 0 goes on (a last evaluation on rank 0, say); then the aggregator
+    # dies. The next one never hears from rank 1 again: only the journal can tell it that rank 1
+    # is done, so that rank 0's steps are written once rank 0 moves past them, not a step timeout
+    # (ten minutes here) later.
+    proc, addr = daemon(step_timeout=600)
+    run_dir = str(tmp_path / RUN)
+    job = Job(addr)
+    try:
+        job.tell(0, "log", range(6))
+        job.tell(1, "log", range(5))
+        # Both ranks' records in the aggregator (their steps written) before rank 1 finishes: its
+        # finish is fsynced at once, with nothing of it waiting for rank 0.
+        poll_until(lambda: {0, 1, 2, 3} <= steps_of(run_dir), timeout=30)
+        assert job.tell(1, "finish") == ("finished", True)
+        kill_daemon(proc)
+        proc, _ = daemon(addr, step_timeout=600)
+        job.tell(0, "log", range(6, 8))
+        poll_until(lambda: {5, 6} <= steps_of(run_dir), timeout=20)
+        assert job.tell(0, "finish") == ("finished", True)
+        assert stop_daemon(proc)[0] == 0
+    finally:
+        job.stop()
+    runs = assert_each_record_once(run_dir, {0: set(range(8)), 1: set(range(5))})
+    assert runs[""] == {**{step: 3.0 for step in range(5)}, 5: 1.0, 6: 1.0, 7: 1.0}
+
+
+def test_a_rank_whose_last_batch_was_not_yet_durable_is_waited_for_by_the_next_aggregator(tmp_path, daemon):
+    # Rank 1 sent its last batch, but its steps 2..4 wait for rank 0 when the aggregator dies: the
+    # journal says rank 1 finished, not that it is durable. Rank 1 resends; until it does, the next
+    # aggregator must wait for it rather than write those steps from rank 0 alone.
+    proc, addr = daemon(step_timeout=600)
+    run_dir = str(tmp_path / RUN)
+    job = Job(addr)
+    try:
+        job.tell(0, "log", range(3))
+        job.tell(1, "log", range(5))
+        job.commands[1].put(("finish", None))
+
+        def rank_1_finished() -> bool:
+            streams = Journal(run_dir).earlier
+            return any(rank == 1 and p.finished and not p.done for (rank, _), p in streams.items())
+
+        poll_until(rank_1_finished, timeout=30)
+        os.kill(job.procs[1].pid, signal.SIGSTOP)
+        kill_daemon(proc)
+        proc, _ = daemon(addr, step_timeout=600)
+        job.tell(0, "log", range(3, 6))
+        time.sleep(1.5)
+        assert 2 not in steps_of(run_dir)
+        os.kill(job.procs[1].pid, signal.SIGCONT)
+        assert job.reply(1) == ("finished", True)
+        assert job.tell(0, "finish") == ("finished", True)
+        assert stop_daemon(proc)[0] == 0
+    finally:
+        job.stop()
+    runs = assert_each_record_once(run_dir, {0: set(range(6)), 1: set(range(5))})
+    assert runs[""] == {**{step: 3.0 for step in range(5)}, 5: 1.0}
 
 
 def test_records_never_seen_by_the_dead_aggregator_go_late_when_their_steps_were_written(tmp_path, daemon):
@@ -259,3 +322,51 @@ def test_a_batch_durable_before_the_crash_is_a_duplicate_though_its_rank_missed_
         if proc.poll() is None:
             kill_daemon(proc)
     assert written(str(tmp_path / RUN)) == {"": {step: 1.0 for step in range(6)}}
+
+
+def test_a_finished_rank_that_missed_its_last_ack_is_not_waited_for_when_it_resends(tmp_path):
+    # Rank 1 finished; the aggregator wrote everything of it and died before rank 1 read the
+    # acknowledgement, so rank 1 resends its last batch to the next aggregator. That must not make
+    # it a rank that joined again: rank 0's steps would wait for records rank 1 never sends.
+    import zmq
+
+    from distsum._proto import wire_pb2
+    from distsum._wire import encode_batch, encode_series_table, set_scalar_columns
+
+    def batch(rank: int, seq: int, steps: range, *, finish: bool = False) -> bytes:
+        b = wire_pb2.Batch(seq=seq, resend_from=1, finish=finish)
+        b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = RUN, rank, 2, 70 + rank
+        b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [wire_pb2.SUM], 0)])
+        set_scalar_columns(b, [0] * len(steps), steps, [float(2**rank)] * len(steps), [1.0] * len(steps))
+        return encode_batch(b)
+
+    args = ["--world-size", "2", "--flush-secs", "0.05", "--step-timeout", "600", "--rank-timeout", "600"]
+    proc, addr = start_daemon(tmp_path, *args)
+    run_dir = str(tmp_path / RUN)
+    context = zmq.Context()
+    socks = [context.socket(zmq.DEALER) for _ in range(2)]
+    try:
+        for sock in socks:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+        socks[0].send(batch(0, 1, range(6)))
+        last_of_rank_1 = batch(1, 1, range(5), finish=True)
+        socks[1].send(last_of_rank_1)
+        wait_for_durable_ack(socks[1], 71, 1)
+        kill_daemon(proc)
+        proc, _ = start_daemon(tmp_path, *args, "--bind", addr)
+        socks[1].send(last_of_rank_1)
+        wait_for_durable_ack(socks[1], 71, 1)
+        socks[0].send(batch(0, 1, range(6)))
+        socks[0].send(batch(0, 2, range(6, 8)))
+        poll_until(lambda: {5, 6} <= steps_of(run_dir), timeout=20)
+        socks[0].send(batch(0, 3, range(0), finish=True))
+        wait_for_durable_ack(socks[0], 70, 3)
+        assert stop_daemon(proc)[0] == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        context.term()
+        if proc.poll() is None:
+            kill_daemon(proc)
+    assert written(run_dir) == {"": {**{step: 3.0 for step in range(5)}, 5: 1.0, 6: 1.0, 7: 1.0}}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64istsum/_proto/journal.proto\x12\x0f\x64istsum.journal\"n\n\x0bLateRecords\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x07scalars\x18\x02 \x03(\rB\x02\x10\x01\x12\x16\n\nhistograms\x18\x03 \x03(\rB\x02\x10\x01\x12\x12\n\x06images\x18\x04 \x03(\rB\x02\x10\x01\x12\x11\n\x05texts\x18\x05 \x03(\rB\x02\x10\x01\"{\n\x0eStreamProgress\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06stream\x18\x02 \x01(\x06\x12\x0e\n\x06merged\x18\x03 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x04 \x01(\x04\x12*\n\x04late\x18\x05 \x03(\x0b\x32\x1c.distsum.journal.LateRecords\"K\n\x05\x45ntry\x12\x30\n\x07streams\x18\x01 \x03(\x0b\x32\x1f.distsum.journal.StreamProgress\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64istsum/_proto/journal.proto\x12\x0f\x64istsum.journal\"n\n\x0bLateRecords\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x07scalars\x18\x02 \x03(\rB\x02\x10\x01\x12\x16\n\nhistograms\x18\x03 \x03(\rB\x02\x10\x01\x12\x12\n\x06images\x18\x04 \x03(\rB\x02\x10\x01\x12\x11\n\x05texts\x18\x05 \x03(\rB\x02\x10\x01\"\x8d\x01\n\x0eStreamProgress\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06stream\x18\x02 \x01(\x06\x12\x0e\n\x06merged\x18\x03 \x01(\x04\x12\x0f\n\x07\x64urable\x18\x04 \x01(\x04\x12*\n\x04late\x18\x05 \x03(\x0b\x32\x1c.distsum.journal.LateRecords\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\"K\n\x05\x45ntry\x12\x30\n\x07streams\x18\x01 \x03(\x0b\x32\x1f.distsum.journal.StreamProgress\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,8 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LATERECORDS'].fields_by_name['texts']._serialized_options = b'\020\001'
   _globals['_LATERECORDS']._serialized_start=49
   _globals['_LATERECORDS']._serialized_end=159
-  _globals['_STREAMPROGRESS']._serialized_start=161
-  _globals['_STREAMPROGRESS']._serialized_end=284
-  _globals['_ENTRY']._serialized_start=286
-  _globals['_ENTRY']._serialized_end=361
+  _globals['_STREAMPROGRESS']._serialized_start=162
+  _globals['_STREAMPROGRESS']._serialized_end=303
+  _globals['_ENTRY']._serialized_start=305
+  _globals['_ENTRY']._serialized_end=380
 # @@protoc_insertion_point(module_scope)

@@ -21,18 +21,20 @@ class LateRecords(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., scalars: _Optional[_Iterable[int]] = ..., histograms: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamProgress(_message.Message):
-    __slots__ = ("rank", "stream", "merged", "durable", "late")
+    __slots__ = ("rank", "stream", "merged", "durable", "late", "finished")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     MERGED_FIELD_NUMBER: _ClassVar[int]
     DURABLE_FIELD_NUMBER: _ClassVar[int]
     LATE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     rank: int
     stream: int
     merged: int
     durable: int
     late: _containers.RepeatedCompositeFieldContainer[LateRecords]
-    def __init__(self, rank: _Optional[int] = ..., stream: _Optional[int] = ..., merged: _Optional[int] = ..., durable: _Optional[int] = ..., late: _Optional[_Iterable[_Union[LateRecords, _Mapping]]] = ...) -> None: ...
+    finished: bool
+    def __init__(self, rank: _Optional[int] = ..., stream: _Optional[int] = ..., merged: _Optional[int] = ..., durable: _Optional[int] = ..., late: _Optional[_Iterable[_Union[LateRecords, _Mapping]]] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class Entry(_message.Message):
     __slots__ = ("streams", "snapshot")
