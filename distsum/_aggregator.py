@@ -537,7 +537,8 @@ class Aggregator:
     def _retire(self, now: float) -> None:
         """Forget streams that finished with everything durable and acknowledged, and runs left
         with none: a long-lived aggregator then visits only live streams each round, and keeps
-        only a sequence number per finished stream (to answer a late resend)."""
+        only a sequence number per finished stream (to answer a late resend). The run's journal
+        keeps them until the run closes."""
         for key, stream in list(self._streams.items()):
             if (
                 stream.finished
@@ -549,9 +550,13 @@ class Aggregator:
                 self._retired[key] = stream.received
                 run = self._runs[stream.run]
                 run.streams.remove(stream)
-                run.journal.forget(stream.rank, key[2])
+                # Still in the journal while the run is open: an aggregator started after this
+                # one must know that the rank is done, or it waits for it at every step.
         for name, run in list(self._runs.items()):
             if not run.streams and not run.pending and not run.merger.stats().open_steps:
+                for run_name, rank, stream_id in self._retired:
+                    if run_name == name:
+                        run.journal.forget(rank, stream_id)
                 # A batch for it later opens it again, reading back its files and journal.
                 try:
                     run.journal.checkpoint()  # without the retired streams: none, usually

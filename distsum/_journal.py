@@ -18,8 +18,9 @@ it at every step until the step timeout.
 Only batches beyond a stream's durable point can come again, and those up to it are answered as
 duplicates (the rank may have missed the acknowledgement), so at every fsync the journal is
 rewritten as one snapshot: each stream's durable point, and the late records of its batches
-beyond it. A stream is forgotten once it can send nothing more (it finished and hung up, or it
-was forgotten by the aggregator); once all are, there is no journal file at all.
+beyond it. A stream is forgotten once its run is done with: at the embedded aggregator's exit
+once every rank has hung up, or when a standalone aggregator closes a run whose streams all
+finished. Once all are, there is no journal file at all.
 """
 
 from __future__ import annotations

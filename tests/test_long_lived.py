@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import zmq
 
@@ -55,3 +57,52 @@ def test_finished_streams_and_runs_are_forgotten_and_a_late_resend_is_still_answ
         sock.close()
         context.term()
     assert acc_scalars(accumulate(str(tmp_path / "job")), "x") == [(5, 5.0), (6, 6.0)]
+
+
+@contextlib.contextmanager
+def serving(options: AggregatorOptions) -> Iterator[Aggregator]:
+    aggregator = Aggregator(options)
+    thread = threading.Thread(target=aggregator.serve)
+    thread.start()
+    try:
+        yield aggregator
+    finally:
+        aggregator.stop()
+        thread.join()
+
+
+def test_a_retired_rank_is_still_known_as_done_to_an_aggregator_started_after_this_one(tmp_path) -> None:
+    # Rank 1 of a 2-rank job finished long ago and was retired; rank 0 goes on. An aggregator
+    # started on the run after this one stops never hears from rank 1: the journal must still
+    # say that rank 1 is done, or rank 0's steps wait for it until the step timeout.
+    def ranked(rank: int, seq: int, steps: range, **flags: bool) -> bytes:
+        b = wire_pb2.Batch(seq=seq, resend_from=seq, **flags)
+        b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = "job", rank, 2, 70 + rank
+        b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [wire_pb2.SUM], 0)])
+        set_scalar_columns(b, [0] * len(steps), steps, [float(2**rank)] * len(steps), [1.0] * len(steps))
+        return encode_batch(b)
+
+    def written() -> list[tuple[int, float]]:
+        return acc_scalars(accumulate(str(tmp_path / "job")), "x")
+
+    options = AggregatorOptions(logdir=str(tmp_path), flush_secs=0.05, retire_after=0.2, step_timeout=600)
+    context = zmq.Context()
+    socks = [context.socket(zmq.DEALER) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.setsockopt(zmq.LINGER, 0)
+        with serving(options) as first:
+            for sock in socks[:2]:
+                sock.connect(first.address)
+            socks[1].send(ranked(1, 1, range(3), finish=True))
+            assert send(socks[0], ranked(0, 1, range(4), flush=True)).durable == 1
+            poll_until(lambda: ("job", 1, 71) not in first._streams, timeout=30)
+        with serving(options) as second:
+            socks[2].connect(second.address)
+            socks[2].send(ranked(0, 2, range(4, 7)))
+            poll_until(lambda: len(written()) == 6, timeout=20)
+    finally:
+        for sock in socks:
+            sock.close()
+        context.term()
+    assert written() == [(0, 3.0), (1, 3.0), (2, 3.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0)]
