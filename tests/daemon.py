@@ -7,9 +7,13 @@ import pathlib
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+import zmq
 
 import distsum
+from distsum._proto import wire_pb2
+from distsum._wire import decode_ack, encode_batch, encode_series_table, set_scalar_columns
 
 
 def start_daemon(logdir, *args: str) -> tuple[subprocess.Popen[str], str]:
@@ -58,3 +62,36 @@ def rank_of_a_daemon(tmp_path: pathlib.Path, **options: object) -> Iterator[path
             distsum.finish(5)
     finally:
         assert stop_daemon(proc)[0] == 0
+
+
+def scalar_batch(
+    run: str,
+    rank: int,
+    world_size: int,
+    stream: int,
+    seq: int,
+    steps: Iterable[int],
+    values: float | Iterable[float],
+    *,
+    reduce: int = wire_pb2.SUM,
+    resend_from: int = 1,
+    **flags: bool,
+) -> bytes:
+    """A batch as a rank's client sends it, for tests that play the rank on a raw socket: the
+    scalars of tag ``x`` at ``steps`` (``values``: one for all, or one each, wall time 1.0)."""
+    steps = list(steps)
+    values = [float(values)] * len(steps) if isinstance(values, (int, float)) else list(values)
+    b = wire_pb2.Batch(seq=seq, resend_from=resend_from, **flags)
+    b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = run, rank, world_size, stream
+    b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [reduce], 0)])
+    set_scalar_columns(b, [0] * len(steps), steps, values, [1.0] * len(steps))
+    return encode_batch(b)
+
+
+def wait_for_durable_ack(sock: zmq.Socket, stream: int, seq: int, timeout: float = 30) -> wire_pb2.Ack:
+    """Read acks on ``sock`` until one says batch ``seq`` of ``stream`` is durable."""
+    while True:
+        assert sock.poll(int(timeout * 1000)), f"no durable acknowledgement of batch {seq} in {timeout:g} s"
+        ack = decode_ack(sock.recv())
+        if ack.stream == stream and ack.durable >= seq:
+            return ack

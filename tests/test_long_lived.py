@@ -10,16 +10,15 @@ import zmq
 
 from distsum._aggregator import Aggregator, AggregatorOptions
 from distsum._proto import wire_pb2
-from distsum._wire import decode_ack, encode_batch, encode_series_table, set_scalar_columns
+from distsum._wire import decode_ack
+from tests.daemon import scalar_batch
 from tests.tbreaders import acc_scalars, accumulate, poll_until
 
 
 def batch(run: str, stream: int, seq: int, step: int) -> bytes:
-    b = wire_pb2.Batch(seq=seq, resend_from=seq, flush=True, finish=True)
-    b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = run, 0, 1, stream
-    b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [wire_pb2.MEAN], 0)])
-    set_scalar_columns(b, [0], [step], [float(step)], [1.0])
-    return encode_batch(b)
+    return scalar_batch(
+        run, 0, 1, stream, seq, [step], step, reduce=wire_pb2.MEAN, resend_from=seq, flush=True, finish=True
+    )
 
 
 def send(sock: zmq.Socket, frame: bytes) -> wire_pb2.Ack:
@@ -76,11 +75,7 @@ def test_a_retired_rank_is_still_known_as_done_to_an_aggregator_started_after_th
     # started on the run after this one stops never hears from rank 1: the journal must still
     # say that rank 1 is done, or rank 0's steps wait for it until the step timeout.
     def ranked(rank: int, seq: int, steps: range, **flags: bool) -> bytes:
-        b = wire_pb2.Batch(seq=seq, resend_from=seq, **flags)
-        b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = "job", rank, 2, 70 + rank
-        b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [wire_pb2.SUM], 0)])
-        set_scalar_columns(b, [0] * len(steps), steps, [float(2**rank)] * len(steps), [1.0] * len(steps))
-        return encode_batch(b)
+        return scalar_batch("job", rank, 2, 70 + rank, seq, steps, 2**rank, resend_from=seq, **flags)
 
     def written() -> list[tuple[int, float]]:
         return acc_scalars(accumulate(str(tmp_path / "job")), "x")

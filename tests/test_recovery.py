@@ -16,10 +16,11 @@ import signal
 import time
 
 import pytest
+import zmq
 
 import distsum
 from distsum._journal import Journal
-from tests.daemon import kill_daemon, start_daemon, stop_daemon
+from tests.daemon import kill_daemon, scalar_batch, start_daemon, stop_daemon, wait_for_durable_ack
 from tests.tbreaders import acc_scalars, accumulate, poll_until
 from tests.test_faults import assert_each_tag_step_once
 
@@ -278,29 +279,10 @@ def test_late_records_written_before_the_crash_are_not_written_again(tmp_path, d
     assert runs["late/rank_1"] == {step: 2.0 for step in range(6)}
 
 
-def wait_for_durable_ack(sock, stream: int, seq: int) -> None:
-    from distsum._wire import decode_ack
-
-    while True:
-        assert sock.poll(30_000), "no acknowledgement"
-        ack = decode_ack(sock.recv())
-        if ack.stream == stream and ack.durable >= seq:
-            return
-
-
 def test_a_batch_durable_before_the_crash_is_a_duplicate_though_its_rank_missed_the_ack(tmp_path):
     # A rank that resends a batch the dead aggregator had written and fsynced (its durable ack was
     # lost with the connection): the next aggregator must not take it for new records.
-    import zmq
-
-    from distsum._proto import wire_pb2
-    from distsum._wire import encode_batch, encode_series_table, set_scalar_columns
-
-    b = wire_pb2.Batch(seq=1, resend_from=1, flush=True)
-    b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = RUN, 0, 1, 77
-    b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [wire_pb2.SUM], 0)])
-    set_scalar_columns(b, [0] * 6, range(6), [1.0] * 6, [1.0] * 6)
-    frame = encode_batch(b)
+    frame = scalar_batch(RUN, 0, 1, 77, 1, range(6), 1.0, flush=True)
     proc, addr = start_daemon(tmp_path, "--world-size", "1", "--flush-secs", "0.05")
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
@@ -328,17 +310,8 @@ def test_a_finished_rank_that_missed_its_last_ack_is_not_waited_for_when_it_rese
     # Rank 1 finished; the aggregator wrote everything of it and died before rank 1 read the
     # acknowledgement, so rank 1 resends its last batch to the next aggregator. That must not make
     # it a rank that joined again: rank 0's steps would wait for records rank 1 never sends.
-    import zmq
-
-    from distsum._proto import wire_pb2
-    from distsum._wire import encode_batch, encode_series_table, set_scalar_columns
-
     def batch(rank: int, seq: int, steps: range, *, finish: bool = False) -> bytes:
-        b = wire_pb2.Batch(seq=seq, resend_from=1, finish=finish)
-        b.origin.run, b.origin.rank, b.origin.world_size, b.origin.stream = RUN, rank, 2, 70 + rank
-        b.series_table = encode_series_table([("", "x", wire_pb2.SCALAR, [wire_pb2.SUM], 0)])
-        set_scalar_columns(b, [0] * len(steps), steps, [float(2**rank)] * len(steps), [1.0] * len(steps))
-        return encode_batch(b)
+        return scalar_batch(RUN, rank, 2, 70 + rank, seq, steps, 2**rank, finish=finish)
 
     args = ["--world-size", "2", "--flush-secs", "0.05", "--step-timeout", "600", "--rank-timeout", "600"]
     proc, addr = start_daemon(tmp_path, *args)
