@@ -627,6 +627,10 @@ class Aggregator:
                     done = [s for s in stream.open_steps if not run.merger.holds(s) and s not in unwritten]
                     for step in done:
                         del stream.open_steps[step]
+                    if stream.finished and not stream.open_steps:
+                        # A rank's finish waits for this: its last records waited for other
+                        # ranks' and are written now, so fsync now rather than flush_secs later.
+                        self._sync_now = True
 
     def _not_written_before(self, run: _Run, path: str, step: int, items: list[Item]) -> list[Item]:
         recovered = run.recovered
