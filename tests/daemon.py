@@ -88,6 +88,22 @@ def scalar_batch(
     return encode_batch(b)
 
 
+@contextlib.contextmanager
+def dealers(addr: str, n: int) -> Iterator[list[zmq.Socket]]:
+    """``n`` DEALER sockets connected to ``addr``, each a rank played by the test; closed after."""
+    context = zmq.Context()
+    socks = [context.socket(zmq.DEALER) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+        context.term()
+
+
 def wait_for_durable_ack(sock: zmq.Socket, stream: int, seq: int, timeout: float = 30) -> wire_pb2.Ack:
     """Read acks on ``sock`` until one says batch ``seq`` of ``stream`` is durable."""
     while True:

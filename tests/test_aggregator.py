@@ -17,7 +17,7 @@ import zmq
 import distsum
 from distsum._proto import wire_pb2
 from distsum._wire import decode_ack, encode_batch
-from tests.daemon import scalar_batch, start_daemon, stop_daemon, wait_for_durable_ack
+from tests.daemon import dealers, scalar_batch, start_daemon, stop_daemon, wait_for_durable_ack
 from tests.tbreaders import acc_scalars, accumulate, poll_until
 
 
@@ -176,26 +176,19 @@ def test_a_rank_that_finished_first_is_durable_as_soon_as_its_last_steps_are_wri
     # not at the next periodic fsync, an hour away here.
     args = ["--world-size", "2", "--step-timeout", "3600", "--flush-secs", "3600"]
     proc, addr = start_daemon(tmp_path, *args)
-    context = zmq.Context()
-    socks = [context.socket(zmq.DEALER) for _ in range(2)]
     try:
-        for sock in socks:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(addr)
-        socks[0].send(scalar_batch("job", 0, 2, 70, 1, range(3), 1.0))
-        socks[1].send(scalar_batch("job", 1, 2, 71, 1, range(5), 2.0, finish=True))
-        # Received, with steps 2..4 waiting for rank 0: not durable yet.
-        assert socks[1].poll(10_000)
-        first = decode_ack(socks[1].recv())
-        assert (first.received, first.durable) == (1, 0)
-        socks[0].send(scalar_batch("job", 0, 2, 70, 2, range(3, 6), 1.0))
-        wait_for_durable_ack(socks[1], 71, 1, timeout=10)
-        socks[0].send(scalar_batch("job", 0, 2, 70, 3, range(0), 1.0, finish=True))
-        wait_for_durable_ack(socks[0], 70, 3)
+        with dealers(addr, 2) as socks:
+            socks[0].send(scalar_batch("job", 0, 2, 70, 1, range(3), 1.0))
+            socks[1].send(scalar_batch("job", 1, 2, 71, 1, range(5), 2.0, finish=True))
+            # Received, with steps 2..4 waiting for rank 0: not durable yet.
+            assert socks[1].poll(10_000)
+            first = decode_ack(socks[1].recv())
+            assert (first.received, first.durable) == (1, 0)
+            socks[0].send(scalar_batch("job", 0, 2, 70, 2, range(3, 6), 1.0))
+            wait_for_durable_ack(socks[1], 71, 1, timeout=10)
+            socks[0].send(scalar_batch("job", 0, 2, 70, 3, range(0), 1.0, finish=True))
+            wait_for_durable_ack(socks[0], 70, 3)
     finally:
-        for sock in socks:
-            sock.close()
-        context.term()
         code, err = stop_daemon(proc)
     assert code == 0, err
     assert acc_scalars(accumulate(tmp_path / "job"), "x") == [*((s, 3.0) for s in range(5)), (5, 1.0)]

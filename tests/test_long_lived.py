@@ -11,7 +11,7 @@ import zmq
 from distsum._aggregator import Aggregator, AggregatorOptions
 from distsum._proto import wire_pb2
 from distsum._wire import decode_ack
-from tests.daemon import scalar_batch
+from tests.daemon import dealers, scalar_batch
 from tests.tbreaders import acc_scalars, accumulate, poll_until
 
 
@@ -81,23 +81,11 @@ def test_a_retired_rank_is_still_known_as_done_to_an_aggregator_started_after_th
         return acc_scalars(accumulate(str(tmp_path / "job")), "x")
 
     options = AggregatorOptions(logdir=str(tmp_path), flush_secs=0.05, retire_after=0.2, step_timeout=600)
-    context = zmq.Context()
-    socks = [context.socket(zmq.DEALER) for _ in range(3)]
-    try:
-        for sock in socks:
-            sock.setsockopt(zmq.LINGER, 0)
-        with serving(options) as first:
-            for sock in socks[:2]:
-                sock.connect(first.address)
-            socks[1].send(ranked(1, 1, range(3), finish=True))
-            assert send(socks[0], ranked(0, 1, range(4), flush=True)).durable == 1
-            poll_until(lambda: ("job", 1, 71) not in first._streams, timeout=30)
-        with serving(options) as second:
-            socks[2].connect(second.address)
-            socks[2].send(ranked(0, 2, range(4, 7)))
-            poll_until(lambda: len(written()) == 6, timeout=20)
-    finally:
-        for sock in socks:
-            sock.close()
-        context.term()
+    with serving(options) as first, dealers(first.address, 2) as socks:
+        socks[1].send(ranked(1, 1, range(3), finish=True))
+        assert send(socks[0], ranked(0, 1, range(4), flush=True)).durable == 1
+        poll_until(lambda: ("job", 1, 71) not in first._streams, timeout=30)
+    with serving(options) as second, dealers(second.address, 1) as (sock,):
+        sock.send(ranked(0, 2, range(4, 7)))
+        poll_until(lambda: len(written()) == 6, timeout=20)
     assert written() == [(0, 3.0), (1, 3.0), (2, 3.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 1.0)]

@@ -16,11 +16,10 @@ import signal
 import time
 
 import pytest
-import zmq
 
 import distsum
 from distsum._journal import Journal
-from tests.daemon import kill_daemon, scalar_batch, start_daemon, stop_daemon, wait_for_durable_ack
+from tests.daemon import dealers, kill_daemon, scalar_batch, start_daemon, stop_daemon, wait_for_durable_ack
 from tests.tbreaders import acc_scalars, accumulate, poll_until
 from tests.test_faults import assert_each_tag_step_once
 
@@ -284,23 +283,18 @@ def test_a_batch_durable_before_the_crash_is_a_duplicate_though_its_rank_missed_
     # lost with the connection): the next aggregator must not take it for new records.
     frame = scalar_batch(RUN, 0, 1, 77, 1, range(6), 1.0, flush=True)
     proc, addr = start_daemon(tmp_path, "--world-size", "1", "--flush-secs", "0.05")
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(addr)
-        sock.send(frame)
-        # Written and fsynced: the aggregator says so, and dies. The rank resends the batch as
-        # one that missed this acknowledgement would.
-        wait_for_durable_ack(sock, 77, 1)
-        kill_daemon(proc)
-        proc, _ = start_daemon(tmp_path, "--world-size", "1", "--bind", addr)
-        sock.send(frame)
-        wait_for_durable_ack(sock, 77, 1)
+        with dealers(addr, 1) as (sock,):
+            sock.send(frame)
+            # Written and fsynced: the aggregator says so, and dies. The rank resends the batch
+            # as one that missed this acknowledgement would.
+            wait_for_durable_ack(sock, 77, 1)
+            kill_daemon(proc)
+            proc, _ = start_daemon(tmp_path, "--world-size", "1", "--bind", addr)
+            sock.send(frame)
+            wait_for_durable_ack(sock, 77, 1)
         assert stop_daemon(proc)[0] == 0
     finally:
-        sock.close()
-        context.term()
         if proc.poll() is None:
             kill_daemon(proc)
     assert written(str(tmp_path / RUN)) == {"": {step: 1.0 for step in range(6)}}
@@ -316,30 +310,23 @@ def test_a_finished_rank_that_missed_its_last_ack_is_not_waited_for_when_it_rese
     args = ["--world-size", "2", "--flush-secs", "0.05", "--step-timeout", "600", "--rank-timeout", "600"]
     proc, addr = start_daemon(tmp_path, *args)
     run_dir = str(tmp_path / RUN)
-    context = zmq.Context()
-    socks = [context.socket(zmq.DEALER) for _ in range(2)]
     try:
-        for sock in socks:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(addr)
-        socks[0].send(batch(0, 1, range(6)))
-        last_of_rank_1 = batch(1, 1, range(5), finish=True)
-        socks[1].send(last_of_rank_1)
-        wait_for_durable_ack(socks[1], 71, 1)
-        kill_daemon(proc)
-        proc, _ = start_daemon(tmp_path, *args, "--bind", addr)
-        socks[1].send(last_of_rank_1)
-        wait_for_durable_ack(socks[1], 71, 1)
-        socks[0].send(batch(0, 1, range(6)))
-        socks[0].send(batch(0, 2, range(6, 8)))
-        poll_until(lambda: {5, 6} <= steps_of(run_dir), timeout=20)
-        socks[0].send(batch(0, 3, range(0), finish=True))
-        wait_for_durable_ack(socks[0], 70, 3)
+        with dealers(addr, 2) as socks:
+            socks[0].send(batch(0, 1, range(6)))
+            last_of_rank_1 = batch(1, 1, range(5), finish=True)
+            socks[1].send(last_of_rank_1)
+            wait_for_durable_ack(socks[1], 71, 1)
+            kill_daemon(proc)
+            proc, _ = start_daemon(tmp_path, *args, "--bind", addr)
+            socks[1].send(last_of_rank_1)
+            wait_for_durable_ack(socks[1], 71, 1)
+            socks[0].send(batch(0, 1, range(6)))
+            socks[0].send(batch(0, 2, range(6, 8)))
+            poll_until(lambda: {5, 6} <= steps_of(run_dir), timeout=20)
+            socks[0].send(batch(0, 3, range(0), finish=True))
+            wait_for_durable_ack(socks[0], 70, 3)
         assert stop_daemon(proc)[0] == 0
     finally:
-        for sock in socks:
-            sock.close()
-        context.term()
         if proc.poll() is None:
             kill_daemon(proc)
     assert written(run_dir) == {"": {**{step: 3.0 for step in range(5)}, 5: 1.0, 6: 1.0, 7: 1.0}}
