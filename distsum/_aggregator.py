@@ -417,10 +417,9 @@ class Aggregator:
                 log.info("run %r: read back %d series written before", name or ".", len(recovered))
             # Ranks done with an earlier aggregator (everything durable) never come back with
             # records: not waited for.
-            done: dict[int, bool] = {}
-            for (rank, _), progress in run.journal.earlier.items():
-                done[rank] = done.get(rank, True) and progress.done
-            for rank in [rank for rank, gone in done.items() if gone]:
+            earlier = run.journal.earlier
+            live = {rank for (rank, _), progress in earlier.items() if not progress.done}
+            for rank in {rank for rank, _ in earlier} - live:
                 run.merger.rank_left(rank)
             # Claimed first, so a rank's own series of these names counts as a conflict instead
             # of writing the same (tag, step) twice.
