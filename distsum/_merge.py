@@ -745,6 +745,13 @@ class RunMerger:
                 series, steps, values, wall_times = series[keep], steps[keep], values[keep], wall_times[keep]
                 replay, index = replay[keep], np.flatnonzero(keep)
         behind = np.less_equal(steps, self._last.take(series))
+        if replay is not None:
+            # A per-rank series starts out written up to the furthest of its ranks' runs. A record
+            # the dead aggregator merged into a step whose files it wrote only in part (it died
+            # between them) goes into that step again, in its rank's run, which lacks it.
+            again = (replay == REPLAY_MERGED) & self._per_rank.take(series) & (self._opbits.take(series) == 0)
+            if np.count_nonzero(again):
+                behind &= ~again
         late = None
         if np.count_nonzero(behind):
             late = np.flatnonzero(behind) if index is None else index[behind]

@@ -580,6 +580,26 @@ def test_replayed_records_are_dropped_where_the_dead_aggregator_wrote_them() -> 
     assert (stats.replayed, stats.late, stats.late_dropped) == (7, 2, 0)
 
 
+def test_a_replayed_per_rank_record_goes_to_its_rank_run_when_the_crash_fell_between_the_files() -> None:
+    # The dead aggregator merged steps 0..2 of y from ranks 0 and 1 and wrote rank 1's run, but
+    # died before rank 0's file. Rank 0's resent records go into rank_0 at their steps, where the
+    # dead aggregator had put them, not late; rank 1's are in rank_1 already.
+    m = merger(written={("rank_1", "y"): 2})
+    y = m.series("", "y", SCALAR, (NONE,))
+    replay = np.full(3, REPLAY_MERGED, dtype=np.int8)
+    for rank in (0, 1):
+        steps = np.arange(3, dtype=np.int64)
+        values = np.full(3, float(rank))
+        assert m.add_scalars(rank, np.full(3, y, dtype=np.uint32), steps, values, np.ones(3), replay) is None
+        m.rank_left(rank)
+    assert flatten(m.take_ready()) == {("rank_0", "y"): {0: 0.0, 1: 0.0, 2: 0.0}}
+    stats = m.stats()
+    assert (stats.replayed, stats.late) == (3, 0)
+    # A record the dead aggregator never saw, at a step it wrote for another rank, is late still.
+    log(m, 2, [(y, 1, 2.0)])
+    assert flatten(m.take_ready()) == {("late/rank_2", "y"): {1: 2.0}}
+
+
 @given(
     st.lists(
         st.tuples(
