@@ -296,8 +296,7 @@ class Client:
         if copy is None:
             copy = np.empty(values.size, dtype=values.dtype)
         np.copyto(copy.reshape(values.shape), values)
-        number = _series_numbers.get(key)
-        self.put(series_of(*key) if number is None else number, step, copy, None, spare=True)
+        self.put(series_of(*key), step, copy, None, spare=True)
 
     def _keep_spares(self, records: list[_Record]) -> None:
         """Keep the value arrays of ``records``, bucketed now, for ``add_values`` (up to a bound)."""
