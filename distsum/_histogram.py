@@ -63,75 +63,93 @@ def _default_bucket_limits() -> np.ndarray:
 BUCKET_LIMITS: np.ndarray = _default_bucket_limits()
 NUM_BUCKETS: int = len(BUCKET_LIMITS)  # 1551
 
-# Bucketing works on the bit patterns of float64 values read as uint64 (float32 values are
-# widened first, exactly). A pattern's top 16 bits, its *key* (sign, exponent and 4 mantissa
-# bits), name a *cell* of 2**48 consecutive patterns: values of one sign spanning at most 1/16 of
-# their magnitude, less than the 10% between neighbouring limits, so at most one bucket boundary
-# falls inside a cell. (Where that reasoning fails, among zero and the subnormals, all values are
-# within 1e-12 of zero: the one boundary there is the limit 0.0, between -0.0 and the negatives.)
-# Within a sign a larger pattern is a larger magnitude, so buckets go up with the patterns of
-# positive values and down with those of negative ones.
-_SHIFT = np.uint64(48)
-_NUM_CELLS = 1 << 16
+# Bucketing works on bit patterns: a float32 or float64 value read as an unsigned integer of its
+# width (float16 and small integers come as float32, everything else as float64; both exact). A
+# pattern's top 16 bits, its *key* (sign, exponent and the top 7 or 4 mantissa bits), name a
+# *cell* of consecutive patterns: values of one sign spanning at most 1/16 of their magnitude,
+# less than the 10% between neighbouring limits, so at most one bucket boundary falls inside a
+# cell. (Where that reasoning fails, among zero and the subnormals, all values are within 1e-12 of
+# zero: the one boundary there is the limit 0.0, between -0.0 and the negatives.) Within a sign a
+# larger pattern is a larger magnitude, so buckets go up with the patterns of positive values and
+# down with those of negative ones. A value's *tally index* is its bucket if its sign bit is clear
+# and _NEGATIVE - bucket if set: it goes up with the pattern everywhere, one step per boundary.
+_NUM_KEYS = 1 << 16
+_NEGATIVE = 2 * NUM_BUCKETS
 
 
-def _cell_tables() -> tuple[np.ndarray, np.ndarray]:
-    """``(offset, bucket)``, indexed by key: the two lookups of ``_cell_indices``.
+def _index_table(float_type: type[np.floating]) -> np.ndarray:
+    """Indexed by key: the one lookup that turns bit patterns of ``float_type`` into tally indices.
 
-    If a boundary falls inside the cell of key ``k``, the first pattern past it being
-    ``(k << 48) + o``, then ``offset[k] = 2**48 - o``, so that ``(bits + offset[k]) >> 48`` is ``k``
-    before the boundary and ``k + 1`` from it on; otherwise ``offset[k] = 0``. The values carried
-    to ``k + 1`` are in the bucket of cell ``k + 1``'s first pattern (another boundary between
-    them would put two within a cell's width), so each such *cell index* ``c`` stands for one
-    bucket, ``bucket[c]``: that of cell ``c``'s first pattern. NaN and infinity keys get 0 and 0;
-    non-finite values are removed before bucketing.
+    With ``s`` the pattern's width less 16, the tally index of pattern ``p`` is
+    ``(p + table[p >> s]) >> s`` in the pattern's wrapping unsigned arithmetic. For key ``k``,
+    whose cell's first pattern has tally index ``t``: if a boundary falls inside the cell, the
+    first pattern past it being ``(k << s) + o``, then ``table[k] = (t << s) + 2**s - o - (k << s)``,
+    so ``p``'s low bits carry into ``t`` exactly from ``o`` on; without a boundary the ``2**s - o``
+    term is 0. NaN and infinity keys get 0, which makes their tally index the key itself, past the
+    tally: non-finite values are removed before bucketing, and one that was not would raise.
     """
-    keys = np.arange(_NUM_CELLS, dtype=np.uint64)
-    first = (keys << _SHIFT).view(np.float64)
+    unsigned = np.dtype(f"u{np.dtype(float_type).itemsize}").type
+    shift = np.dtype(unsigned).itemsize * 8 - 16
+    keys = np.arange(_NUM_KEYS, dtype=np.uint64)
+    first = (keys << np.uint64(shift)).astype(unsigned).view(float_type)
     finite = np.isfinite(first)
-    bucket = np.zeros(_NUM_CELLS, dtype=np.intp)
+    bucket = np.zeros(_NUM_KEYS, dtype=np.int64)
     # A cell's first pattern is never DBL_MAX itself, so this is at most the last bucket.
-    bucket[finite] = np.searchsorted(BUCKET_LIMITS, first[finite], side="right")
-    # The first pattern past the boundary that follows a cell's first value, in pattern order:
-    # for a positive cell the limit above that value; for a negative cell the largest value
-    # below the limit at or under it. The last bucket has no boundary above (DBL_MAX stays in
-    # it), and below -DBL_MAX, the boundary under the first bucket that can hold a value, there
-    # is no finite value.
-    past = np.full(_NUM_CELLS, np.inf)
-    up = finite & (keys < 0x8000) & (bucket < NUM_BUCKETS - 1)
-    past[up] = BUCKET_LIMITS[bucket[up]]
-    down = finite & (keys >= 0x8000)
+    bucket[finite] = np.searchsorted(BUCKET_LIMITS, first[finite].astype(np.float64), side="right")
+    negative = keys >= _NUM_KEYS // 2
+    # The first pattern past the boundary that follows a cell's first value, in pattern order: for
+    # a positive cell the least value of the type at or above the limit over that value; for a
+    # negative cell the greatest below the limit at or under it. The last bucket has no boundary
+    # above (DBL_MAX stays in it), and below -DBL_MAX, the boundary under the first bucket that can
+    # hold a value, there is no finite value.
+    past = np.full(_NUM_KEYS, np.inf, dtype=float_type)
+    up = finite & ~negative & (bucket < NUM_BUCKETS - 1)
+    down = finite & negative
     with np.errstate(over="ignore"):
-        past[down] = np.nextafter(BUCKET_LIMITS[bucket[down] - 1], -np.inf)
-    past_bits = past.view(np.uint64)
-    inside = finite & ((past_bits >> _SHIFT) == keys)
-    offset = np.zeros(_NUM_CELLS, dtype=np.uint64)
-    offset[inside] = ((keys[inside] + np.uint64(1)) << _SHIFT) - past_bits[inside]
-    for table in (offset, bucket):
-        table.setflags(write=False)
-    return offset, bucket
+        limit = BUCKET_LIMITS[bucket[up]]
+        nearest = limit.astype(float_type)
+        past[up] = np.where(nearest < limit, np.nextafter(nearest, float_type(np.inf)), nearest)
+        limit = BUCKET_LIMITS[bucket[down] - 1]
+        nearest = limit.astype(float_type)
+        past[down] = np.where(nearest >= limit, np.nextafter(nearest, float_type(-np.inf)), nearest)
+    past_bits = past.view(unsigned).astype(np.uint64)
+    inside = finite & ((past_bits >> np.uint64(shift)) == keys)
+    carry = np.zeros(_NUM_KEYS, dtype=np.uint64)
+    cell = np.uint64(1 << shift)
+    carry[inside] = cell - (past_bits[inside] & (cell - np.uint64(1)))
+    tally_index = np.where(negative, _NEGATIVE - bucket, bucket).astype(np.uint64)
+    table = np.where(finite, (tally_index << np.uint64(shift)) + carry - (keys << np.uint64(shift)), 0)
+    table = (table & np.uint64((1 << (shift + 16)) - 1)).astype(unsigned)
+    table.setflags(write=False)
+    return table
 
 
-_CELL_OFFSET, _CELL_BUCKET = _cell_tables()
+_INDEX_TABLES = {np.dtype(t): _index_table(t) for t in (np.float32, np.float64)}
 
 # Values are bucketed this many at a time, so that the buffers stay in the CPU cache.
 _CHUNK = 1 << 16
-# Below this many values, counting by bucket beats counting by cell (see _bucket_counts_and_sums).
-_DIRECT_BELOW = 1 << 18
 
 
-def _cell_indices(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Write the cell index of each of ``bits`` (uint64 patterns of finite values) into ``out``.
+def _tally_indices(bits: np.ndarray, keys: np.ndarray, looked: np.ndarray) -> np.ndarray:
+    """The tally index of each of ``bits`` (uint32 or uint64 patterns of finite values), in ``keys``.
 
-    ``out`` is a uint64 buffer of the same length. One lookup per value and no comparison: the
-    carry of an addition does the comparison with the boundary.
+    ``keys`` is an intp buffer and ``looked`` one of ``bits``' dtype, both of ``bits``' length;
+    for uint64 patterns they may be the same memory (take reads each key before it writes that
+    element). One lookup per value and no comparison: the carry of an addition does the
+    comparison with the boundary.
     """
-    np.right_shift(bits, _SHIFT, out=out)
-    # In place is safe: take reads each key before it writes that element. mode="wrap" because
-    # "raise" copies ``out`` first and "clip" measured slower; every key is in range.
-    np.take(_CELL_OFFSET, out.view(np.intp), out=out, mode="wrap")
-    np.add(out, bits, out=out)
-    return np.right_shift(out, _SHIFT, out=out)
+    table = _INDEX_TABLES[np.dtype(f"f{bits.dtype.itemsize}")]
+    shift = bits.dtype.type(bits.dtype.itemsize * 8 - 16)
+    # uint32 results are widened on the way out; uint64 ones go into the same memory as they are,
+    # since a cast from uint64 to intp takes the ufunc's slow path.
+    out = keys.view(np.uint64) if bits.dtype.itemsize == 8 else keys
+    np.right_shift(bits, shift, out=out, casting="unsafe")
+    # mode="wrap" because "raise" copies the indices first and "clip" measured slower; every key
+    # is in range.
+    np.take(table, keys, out=looked, mode="wrap")
+    np.add(looked, bits, out=looked)
+    np.right_shift(looked, shift, out=out, casting="unsafe")
+    return keys
 
 
 def _as_float_vector(values: np.ndarray, tag: str) -> np.ndarray:
@@ -157,9 +175,8 @@ class _Buffers(threading.local):
     1e5 values."""
 
     def __init__(self) -> None:
-        self.scratch = np.empty(_CHUNK, dtype=np.uint64)
+        self.scratch = np.empty(_CHUNK, dtype=np.float64)
         self.wide = np.empty(_CHUNK, dtype=np.float64)
-        self.cells = np.empty(_NUM_CELLS, dtype=np.int64)
 
 
 _buffers = _Buffers()
@@ -167,21 +184,14 @@ _buffers = _Buffers()
 
 def _bucket_counts_and_sums(x: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Bucket counts, sum and sum of squares of ``x``: finite, 1-D, contiguous float32/float64."""
-    # Few values: count each one's bucket straight away. Many: count cells, then map the 65,536
-    # cells to buckets once, which saves a lookup per value but costs a scan of every cell.
-    direct = x.size < _DIRECT_BELOW
     buffers = _buffers
-    if direct:
-        tally = np.zeros(NUM_BUCKETS, dtype=np.int64)
-    else:
-        tally = buffers.cells
-        tally.fill(0)
+    tally = np.zeros(_NEGATIVE, dtype=np.int64)
     total = 0.0
     total_squares = 0.0
     size = min(x.size, _CHUNK)
-    # One scratch buffer, for the squares and then the cell indices: fewer bytes in cache.
+    # One scratch buffer, for the squares and then the tally indices; float32 values are widened
+    # into another, which then takes their lookups: fewer bytes in cache.
     scratch = buffers.scratch[:size]
-    # float32 values are widened, exactly: they are bucketed and summed as float64, like TF does.
     wide = x if x.dtype == np.float64 else buffers.wide[:size]
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, x.size, _CHUNK):
@@ -191,6 +201,7 @@ def _bucket_counts_and_sums(x: np.ndarray) -> tuple[np.ndarray, float, float]:
                 scratch = scratch[:n]
                 if wide is not x:
                     wide = wide[:n]
+            # Summed as float64, like TF does: float32 values are widened first, exactly.
             if wide is x:
                 part = chunk
             else:
@@ -201,25 +212,27 @@ def _bucket_counts_and_sums(x: np.ndarray) -> tuple[np.ndarray, float, float]:
             # (TF keeps one), so the sums differ from TF's only in rounding. Summing before
             # bucketing measured 5% faster.
             total += float(np.einsum("i->", part))
-            squares = np.square(part, out=scratch.view(np.float64))
+            squares = np.square(part, out=scratch)
             total_squares += float(np.einsum("i->", squares))
-            cells = _cell_indices(part.view(np.uint64), scratch).view(np.intp)
+            # Bucketed on their own bit patterns: float32 ones need a table of half the size.
+            bits = chunk.view(f"u{chunk.dtype.itemsize}")
+            keys = scratch.view(np.intp)
+            looked = keys.view(np.uint64) if wide is x else wide.view(np.uint32)[:n]
             # Not np.bincount, which also scans the indices for their extremes and allocates fresh
             # counts every time: 1.5 times as long.
-            np.add.at(tally, _CELL_BUCKET.take(cells) if direct else cells, 1)
-    if direct:
-        return tally, total, total_squares
-    used = np.flatnonzero(tally)
-    counts = np.zeros(NUM_BUCKETS, dtype=np.int64)
-    np.add.at(counts, _CELL_BUCKET[used], tally[used])
+            np.add.at(tally, _tally_indices(bits, keys, looked), 1)
+    counts = tally[:NUM_BUCKETS].copy()
+    # The negative values' tally indices, _NEGATIVE - bucket, folded onto their buckets.
+    counts[1:] += tally[:NUM_BUCKETS:-1]
     return counts, total, total_squares
 
 
 def _bucket_indices(values: np.ndarray) -> np.ndarray:
     """The bucket of each finite value (for tests: the per-value result behind ``from_values``)."""
-    x = _as_float_vector(values, "<test>").astype(np.float64)
-    cells = _cell_indices(x.view(np.uint64), np.empty(x.size, dtype=np.uint64))
-    return _CELL_BUCKET[cells.view(np.intp)]
+    x = _as_float_vector(values, "<test>")
+    bits = x.view(f"u{x.dtype.itemsize}")
+    indices = _tally_indices(bits, np.empty(x.size, dtype=np.intp), np.empty_like(bits))
+    return np.where(indices > NUM_BUCKETS, _NEGATIVE - indices, indices)
 
 
 def _count(value: object, name: str) -> int:

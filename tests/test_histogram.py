@@ -17,7 +17,7 @@ from tensorboard.compat.proto import tensor_pb2 as tb_tensor_pb2
 from tensorboard.util import tensor_util
 
 from distsum import _histogram
-from distsum._histogram import _DIRECT_BELOW, BUCKET_LIMITS, NUM_BUCKETS, Histogram, _bucket_indices
+from distsum._histogram import _CHUNK, BUCKET_LIMITS, NUM_BUCKETS, Histogram, _bucket_indices
 from distsum._proto import types_pb2
 
 DBL_MAX = float(np.finfo(np.float64).max)
@@ -156,28 +156,35 @@ def group_ends(dtype: type[np.floating]) -> np.ndarray:
     return ends[:, np.isfinite(ends).all(axis=0)]
 
 
-def test_no_cell_spans_more_than_one_boundary():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_no_cell_spans_more_than_one_boundary(dtype):
     """The premise of the bucketing: a cell's two ends are at most one bucket apart."""
-    ends = group_ends(np.float64)
-    assert ends.shape == (2, 2 * 0x7FF0)
+    ends = group_ends(dtype)
+    assert ends.shape == (2, 2 * (0x7F80 if dtype is np.float32 else 0x7FF0))
     spread = np.abs(np.diff(reference_buckets(ends).reshape(2, -1).astype(int), axis=0))
     assert spread.max() == 1
 
 
-def test_cell_tables():
-    offset, bucket = _histogram._CELL_OFFSET, _histogram._CELL_BUCKET
-    assert offset.dtype == np.uint64 and offset.shape == bucket.shape == (1 << 16,)
-    assert not offset.flags.writeable and not bucket.flags.writeable
-    assert np.all(offset < 2**48)
-    keys = np.arange(1 << 16, dtype=np.uint64)
-    non_finite = (keys & np.uint64(0x7FFF)) >= 0x7FF0
-    assert not np.any(offset[non_finite]) and not np.any(bucket[non_finite])
-    # A cell index is its key or the next one, so even a non-finite value that got this far
-    # would index inside the tables.
-    ends = np.concatenate([keys << np.uint64(48), (keys << np.uint64(48)) | np.uint64((1 << 48) - 1)])
-    assert _histogram._cell_indices(ends, np.empty_like(ends)).max() < 1 << 16
-    # Each limit but the outer two is a boundary inside one cell (none is a cell's first pattern).
-    assert np.count_nonzero(offset) == NUM_BUCKETS - 2
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_index_tables(dtype):
+    table = _histogram._INDEX_TABLES[np.dtype(dtype)]
+    unsigned = np.dtype(f"u{np.dtype(dtype).itemsize}").type
+    assert table.dtype == unsigned and table.shape == (1 << 16,) and not table.flags.writeable
+    shift = unsigned(np.dtype(unsigned).itemsize * 8 - 16)
+    keys = np.arange(1 << 16, dtype=unsigned)
+    ends = np.concatenate([keys << shift, (keys << shift) | ((unsigned(1) << shift) - unsigned(1))])
+    indices = _histogram._tally_indices(ends, np.empty(ends.size, np.intp), np.empty_like(ends))
+    indices = indices.reshape(2, -1)
+    finite = np.isfinite(ends.view(dtype)).reshape(2, -1).all(axis=0)
+    # Positive values up the buckets, negative ones (tally index _NEGATIVE - bucket) down, one
+    # step at most across a cell, and the two signs apart.
+    first, last = indices[:, finite]
+    assert np.all((last - first >= 0) & (last - first <= 1))
+    positive = keys[finite] < (1 << 15)
+    assert first[positive].max() < NUM_BUCKETS < first[~positive].min()
+    assert last[~positive].max() < _histogram._NEGATIVE
+    # A non-finite value that got this far would be counted nowhere: add.at would raise.
+    assert indices[:, ~finite].min() >= _histogram._NEGATIVE
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -650,16 +657,18 @@ def test_legacy_proto_on_another_grid_is_not_taken_for_tf1s():
     assert Histogram.from_histogram_proto(proto) is None
 
 
-def test_counting_by_bucket_and_by_cell_agree():
-    # Below _DIRECT_BELOW values each value's bucket is counted; above, cells first. The two
-    # halves of a large input are counted the first way, the whole the second.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counting_in_chunks_and_at_once_agree(dtype):
+    # Values are bucketed _CHUNK at a time: halves of an input that does not divide into chunks
+    # give the same histogram as the whole, and both the reference's.
     rng = np.random.default_rng(3)
-    n = _DIRECT_BELOW + 4_097
+    n = 3 * _CHUNK + 4_097
     values = np.concatenate([rng.normal(0, 1, n // 2), np.exp(rng.uniform(-60, 60, n - n // 2))])
-    values *= rng.choice([-1.0, 1.0], n)
+    values = (values * rng.choice([-1.0, 1.0], n)).astype(dtype)
     whole = Histogram.from_values(values, tag="h")
     halves = Histogram.from_values(values[: n // 2], tag="h").merge(
         Histogram.from_values(values[n // 2 :], tag="h")
     )
     assert np.array_equal(whole.counts, halves.counts)
+    assert np.array_equal(whole.counts, reference_counts(values))
     assert (whole.min, whole.max, whole.num) == (halves.min, halves.max, halves.num)
