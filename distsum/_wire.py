@@ -36,7 +36,7 @@ __all__ = [
     "set_scalar_columns",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # The aggregator refuses larger frames (ZMQ_MAXMSGSIZE); clients split batches well below it.
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_RANK = (1 << 24) - 1
@@ -127,6 +127,9 @@ class ScalarColumns(NamedTuple):
     wall_times: np.ndarray  # float64
 
 
+# A histogram's columns: bucket indices and their counts.
+_BUCKETS, _COUNTS = np.dtype("<u2"), np.dtype("<i8")
+
 _COLUMNS = (
     ("scalar_series", np.dtype("<u4")),
     ("scalar_steps", np.dtype("<i8")),
@@ -207,6 +210,10 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
         for record in records:
             if record.step < 0:
                 raise WireError("bad record", f"series {record.series}, step {record.step}")
+    for histogram in batch.histograms:
+        n = len(histogram.buckets) // _BUCKETS.itemsize
+        if len(histogram.buckets) != n * _BUCKETS.itemsize or len(histogram.counts) != n * _COUNTS.itemsize:
+            raise WireError("bad record", f"series {histogram.series}: bucket columns of different lengths")
     for images in batch.images:
         if not 0 < len(images.image) <= MAX_IMAGES:
             raise WireError("bad images", f"{len(images.image)} images")
@@ -267,8 +274,8 @@ def add_histogram(
         series=series,
         step=step,
         wall_time=wall_time,
-        index=indices.tolist(),
-        count=counts.tolist(),
+        buckets=indices.astype(_BUCKETS, copy=False).tobytes(),
+        counts=counts.astype(_COUNTS, copy=False).tobytes(),
         min=histogram.min,
         max=histogram.max,
         sum=histogram.sum,
@@ -280,10 +287,10 @@ def add_histogram(
 
 
 def histogram_of(message: wire_pb2.Histogram) -> Histogram:
-    """The histogram a wire message describes; ValueError if it is inconsistent."""
+    """The histogram a wire message from ``decode_batch`` describes; ValueError if it is inconsistent."""
     return Histogram.from_parts(
-        np.asarray(message.index, dtype=np.int64),
-        np.asarray(message.count, dtype=np.uint64),
+        np.frombuffer(message.buckets, dtype=_BUCKETS),
+        np.frombuffer(message.counts, dtype=_COUNTS),
         min=message.min,
         max=message.max,
         sum=message.sum,

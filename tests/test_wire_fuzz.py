@@ -203,7 +203,7 @@ def table_bytes(series: Sequence[wire_pb2.Series]) -> bytes:
 class Draft:
     """A batch being built by hand: its series and scalar records in lists, the rest in ``batch``.
 
-    ``build()`` writes the lists as protocol 2 carries them, from the protocol rather than through
+    ``build()`` writes the lists as the protocol carries them, from the protocol rather than through
     distsum's encoder: ``series_table`` a serialized ``SeriesTable``, each scalar column the
     little-endian bytes of its items. The lists may differ in length (a hostile batch); bytes that
     no list gives (a cut item, a table that does not parse) are set on the built batch afterwards.
@@ -678,10 +678,10 @@ class Fuzzer:
 
     def wrong_version(self) -> list[bytes]:
         rng = self.rng
-        version = rng.choice((0, 1, 3, 99, 2**31, 2**32 - 1))
+        version = rng.choice((0, 1, 2, PROTOCOL_VERSION + 1, 99, 2**31, 2**32 - 1))
         d = self.valid_batch(rng.choice(self.streams), seq=1)
         if version == 1 and rng.random() < 0.5:
-            return [protocol1_frame(d)]  # what a rank of the previous protocol sends
+            return [protocol1_frame(d)]  # what a rank of protocol 1 sends
         return [d.frame(version)]
 
     def not_a_batch(self) -> list[bytes]:
@@ -718,7 +718,7 @@ class Fuzzer:
             d.scalar(2**32 - 1, 1)
         elif choice == 5:  # a histogram with huge indices and counts
             hh = d.add_series("hh", HISTOGRAM)
-            b.histograms.add(series=hh, step=1, index=[2**32 - 1], count=[2**64 - 1], nan=2**64 - 1)
+            b.histograms.add(series=hh, step=1, buckets=b"\xff\xff", counts=b"\xff" * 8, nan=2**64 - 1)
         elif choice == 6:  # a rank and a world beyond MAX_RANK
             b.origin.rank, b.origin.world_size = 2**32 - 1, 2**32 - 1
         else:  # a record naming series 2**32 - 1
@@ -857,6 +857,12 @@ class Fuzzer:
         elif defect == 30:  # records, and an empty series table; or 10,001 series, the last bad
             d.build()
             b.series_table = rng.choice((b"", self.huge_bad_table))
+        elif defect == 31:  # a histogram's bucket columns of different lengths, or with part of an item
+            h = b.histograms.add(series=d.add_series("cols", HISTOGRAM), step=1, min=1.0, max=1.0, sum=1.0)
+            indices, counts = rng.choice((([1, 2], [1]), ([1], [1, 2]), ([], [1]), ([1], [])))
+            set_buckets(h, indices, counts)
+            if rng.random() < 0.5:
+                h.buckets, h.counts = rng.choice(((h.buckets + b"\0", h.counts), (h.buckets, h.counts[:-3])))
         else:  # seq 0 plus anything
             b.seq = 0
             b.origin.run = rng.choice(("", "fuzz/a", "a" * 1024))
@@ -923,8 +929,8 @@ class Fuzzer:
             # The daemon converts exactly so (distsum/_aggregator.py); from_parts must refuse it.
             try:
                 Histogram.from_parts(
-                    np.asarray(h.index, dtype=np.int64),
-                    np.asarray(h.count, dtype=np.int64),
+                    np.frombuffer(h.buckets, dtype="<u2"),
+                    np.frombuffer(h.counts, dtype="<i8"),
                     min=h.min,
                     max=h.max,
                     sum=h.sum,
@@ -1094,7 +1100,7 @@ def admit(frame: bytes) -> wire_pb2.Batch:
 
 def classify(frames: list[bytes]) -> str:
     """What the daemon does first with a message: its malformed cause, or "admitted" (in which case
-    the batch keeps what protocol 2 promises: ``check_admitted``)."""
+    the batch keeps what the protocol promises: ``check_admitted``)."""
     if len(frames) != 1:
         return "bad framing"
     try:
@@ -1105,52 +1111,57 @@ def classify(frames: list[bytes]) -> str:
     return "admitted"
 
 
+def buckets_of(h) -> tuple[list[int], list[int]]:
+    """A wire histogram's bucket indices and counts, read from its columns as the protocol says."""
+    return np.frombuffer(h.buckets, "<u2").tolist(), np.frombuffer(h.counts, "<u8").tolist()
+
+
+def set_buckets(h, indices: list[int], counts: list[int]) -> None:
+    """Write bucket columns as the protocol says (counts as 64-bit patterns: 2**64 - 1 reads as -1)."""
+    h.buckets = np.array(indices, dtype="<u2").tobytes()
+    h.counts = np.array(counts, dtype="<u8").tobytes()
+
+
 # Defects that make a histogram inconsistent; ``from_parts`` must refuse each.
 def index_past_grid(h) -> None:
-    h.index.append(NUM_BUCKETS)
-    h.count.append(1)
+    indices, counts = buckets_of(h)
+    set_buckets(h, [*indices, NUM_BUCKETS], [*counts, 1])
 
 
-def index_2_32(h) -> None:
-    h.index.append(2**32 - 1)
-    h.count.append(1)
+def index_2_16(h) -> None:
+    indices, counts = buckets_of(h)
+    set_buckets(h, [*indices, 2**16 - 1], [*counts, 1])
 
 
 def index_repeated(h) -> None:
-    h.index.append(h.index[-1])
-    h.count.append(1)
+    indices, counts = buckets_of(h)
+    set_buckets(h, [*indices, indices[-1]], [*counts, 1])
 
 
 def index_decreasing(h) -> None:
-    h.index.insert(0, h.index[-1])
-    h.count.insert(0, 1)
+    indices, counts = buckets_of(h)
+    set_buckets(h, [indices[-1], *indices], [1, *counts])
 
 
 def count_zero(h) -> None:
-    h.count[0] = 0
+    indices, counts = buckets_of(h)
+    set_buckets(h, indices, [0, *counts[1:]])
 
 
 def count_2_63(h) -> None:
-    h.count[-1] = 2**63
+    indices, counts = buckets_of(h)
+    set_buckets(h, indices, [*counts[:-1], 2**63])
 
 
 def count_2_64(h) -> None:
-    h.count[0] = 2**64 - 1
+    indices, counts = buckets_of(h)
+    set_buckets(h, indices, [2**64 - 1, *counts[1:]])
 
 
 def total_overflows(h) -> None:
-    h.count[0] = 2**63 - 1
-    h.index.append(NUM_BUCKETS - 1)
-    h.count.append(2**62)
+    indices, counts = buckets_of(h)
+    set_buckets(h, [*indices, NUM_BUCKETS - 1], [2**63 - 1, *counts[1:], 2**62])
     h.max = 1e308
-
-
-def more_counts(h) -> None:
-    h.count.append(3)
-
-
-def fewer_counts(h) -> None:
-    h.index.append(NUM_BUCKETS - 1)
 
 
 def min_below_first(h) -> None:
@@ -1174,18 +1185,17 @@ def max_inf(h) -> None:
 
 
 def empty_with_sum(h) -> None:
-    del h.index[:], h.count[:]
+    set_buckets(h, [], [])
     h.min, h.max, h.sum = math.inf, -math.inf, 1.0
 
 
 def empty_with_finite_min(h) -> None:
-    del h.index[:], h.count[:]
+    set_buckets(h, [], [])
     h.min, h.max, h.sum, h.sum_squares = 0.0, 0.0, 0.0, 0.0
 
 
 def single_value_range(h) -> None:
-    h.index[:] = [int(np.flatnonzero(Histogram.from_values(np.array([1.0]), tag="h").counts)[0])]
-    h.count[:] = [1]
+    set_buckets(h, [int(np.flatnonzero(Histogram.from_values(np.array([1.0]), tag="h").counts)[0])], [1])
     h.min, h.max = 1.0, 1.0000001
 
 
@@ -1207,15 +1217,13 @@ def posinf_2_63(h) -> None:
 
 BAD_HISTOGRAMS = [
     index_past_grid,
-    index_2_32,
+    index_2_16,
     index_repeated,
     index_decreasing,
     count_zero,
     count_2_63,
     count_2_64,
     total_overflows,
-    more_counts,
-    fewer_counts,
     min_below_first,
     max_above_last,
     min_above_max,
@@ -1426,8 +1434,8 @@ def check_name(name: str) -> None:
 
 def check_admitted(batch: wire_pb2.Batch) -> None:
     """What docs/protocol.md promises about a batch the checks let through (``admit``), read from
-    protocol 2's bytes by the protocol: the series table as a ``SeriesTable``, the scalar columns as
-    little-endian arrays of equal length."""
+    the protocol's bytes: the series table as a ``SeriesTable``, the scalar columns and each
+    histogram's bucket columns as little-endian arrays of equal length."""
     origin = batch.origin
     check_name(origin.run)
     assert origin.rank <= MAX_RANK and (origin.world_size == 0 or origin.rank < origin.world_size)
@@ -1446,6 +1454,8 @@ def check_admitted(batch: wire_pb2.Batch) -> None:
     for records, kind in ((batch.histograms, HISTOGRAM), (batch.images, IMAGES), (batch.texts, TEXT)):
         for record in records:
             assert record.series < kinds.size and kinds[record.series] == kind and record.step >= 0
+    for h in batch.histograms:
+        assert len(h.buckets) % 2 == 0 and len(h.counts) == 4 * len(h.buckets), h
     for images in batch.images:
         assert 1 <= len(images.image) <= 1000
         assert all(i.height > 0 and i.width > 0 and i.colorspace in (1, 2, 3, 4) for i in images.image)

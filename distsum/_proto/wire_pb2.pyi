@@ -76,12 +76,12 @@ class Series(_message.Message):
     def __init__(self, subrun: _Optional[str] = ..., tag: _Optional[str] = ..., kind: _Optional[_Union[Kind, str]] = ..., reduce: _Optional[_Iterable[_Union[Reduce, str]]] = ..., max_outputs: _Optional[int] = ...) -> None: ...
 
 class Histogram(_message.Message):
-    __slots__ = ("series", "step", "wall_time", "index", "count", "min", "max", "sum", "sum_squares", "nan", "posinf", "neginf")
+    __slots__ = ("series", "step", "wall_time", "buckets", "counts", "min", "max", "sum", "sum_squares", "nan", "posinf", "neginf")
     SERIES_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     MIN_FIELD_NUMBER: _ClassVar[int]
     MAX_FIELD_NUMBER: _ClassVar[int]
     SUM_FIELD_NUMBER: _ClassVar[int]
@@ -92,8 +92,8 @@ class Histogram(_message.Message):
     series: int
     step: int
     wall_time: float
-    index: _containers.RepeatedScalarFieldContainer[int]
-    count: _containers.RepeatedScalarFieldContainer[int]
+    buckets: bytes
+    counts: bytes
     min: float
     max: float
     sum: float
@@ -101,7 +101,7 @@ class Histogram(_message.Message):
     nan: int
     posinf: int
     neginf: int
-    def __init__(self, series: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., index: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ..., nan: _Optional[int] = ..., posinf: _Optional[int] = ..., neginf: _Optional[int] = ...) -> None: ...
+    def __init__(self, series: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., buckets: _Optional[bytes] = ..., counts: _Optional[bytes] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ..., nan: _Optional[int] = ..., posinf: _Optional[int] = ..., neginf: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("height", "width", "colorspace", "png")
