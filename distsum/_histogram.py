@@ -367,15 +367,19 @@ class Histogram:
             raise ValueError(
                 f"bucket indices must be in [0, {NUM_BUCKETS}), got {index_array.min()}..{index_array.max()}"
             )
-        if n > 1 and bool((np.diff(index_array) <= 0).any()):
+        # The ufuncs themselves rather than np.diff, .min() and .max(): their Python wrappers cost
+        # more than the work on some hundred buckets.
+        if n > 1 and np.logical_or.reduce(np.less_equal(index_array[1:], index_array[:-1])):
             raise ValueError("bucket indices must be strictly increasing")
-        lowest, highest = (int(count_array.min()), int(count_array.max())) if n else (1, 0)
+        lowest, highest = (
+            (int(np.minimum.reduce(count_array)), int(np.maximum.reduce(count_array))) if n else (1, 0)
+        )
         if lowest <= 0 or highest > _INT64_MAX:
             raise ValueError(f"counts must be in [1, 2**63), got {lowest}..{highest}")
         # At most NUM_BUCKETS counts now: numpy's sum cannot overflow below this bound, Python
         # ints take the rest.
         if highest <= _INT64_MAX // NUM_BUCKETS:
-            total = int(count_array.sum())
+            total = int(np.add.reduce(count_array))
         else:
             total = builtins.sum(count_array.tolist())
         if total > _INT64_MAX:
