@@ -85,7 +85,7 @@ def encode_batch(batch: wire_pb2.Batch, scalars: ScalarColumns | None = None) ->
     """
     parts = [b""]
     if scalars is not None:
-        for name, data in _column_bytes(scalars):
+        for name, data in _column_bytes(batch, scalars):
             batch.ClearField(name)
             if data:
                 parts += (_COLUMN_TAGS[name], varint(len(data)), data)
@@ -146,19 +146,31 @@ def set_scalar_columns(
     batch: wire_pb2.Batch, series: np.ndarray, steps: np.ndarray, values: np.ndarray, wall_times: np.ndarray
 ) -> None:
     """Put scalar records, given as columns of one length, into ``batch``."""
-    for name, data in _column_bytes((series, steps, values, wall_times)):
+    for name, data in _column_bytes(batch, (series, steps, values, wall_times)):
         setattr(batch, name, data)
 
 
-def _column_bytes(columns: Iterable[Any]) -> Iterator[tuple[str, bytes]]:
-    """Each scalar column's field name and bytes on the wire."""
+def _column_bytes(batch: wire_pb2.Batch, columns: Iterable[Any]) -> Iterator[tuple[str, bytes]]:
+    """Each scalar column's field name and bytes on the wire; a wall time common to every record
+    goes into ``batch.wall_time`` instead of a column (a fifth of a batch of scalars)."""
     for (name, dtype), column in zip(_COLUMNS, columns, strict=True):
-        yield name, np.asarray(column, dtype=dtype).tobytes()
+        array = np.asarray(column, dtype=dtype)
+        if name == "scalar_wall_times":
+            batch.ClearField("wall_time")
+            if array.size and bool(np.logical_and.reduce(array == array[0])):
+                batch.wall_time = float(array[0])
+                array = array[:0]
+        yield name, array.tobytes()
 
 
 def scalar_columns(batch: wire_pb2.Batch) -> ScalarColumns:
     """The scalar records of a batch that ``decode_batch`` (or this process) made."""
-    return ScalarColumns(*(np.frombuffer(getattr(batch, name), dtype=dtype) for name, dtype in _COLUMNS))
+    series, steps, values, walls = (
+        np.frombuffer(getattr(batch, name), dtype=dtype) for name, dtype in _COLUMNS
+    )
+    if walls.size != series.size:  # left out: one wall time for every record
+        walls = np.full(series.size, batch.wall_time)
+    return ScalarColumns(series, steps, values, walls)
 
 
 def encode_series_table(series: Iterable[tuple[str, str, int, Iterable[int], int]]) -> bytes:
@@ -201,8 +213,8 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
         raise WireError("bad rank", f"rank {origin.rank} of {origin.world_size}")
     if batch.seq < 1:
         raise WireError("bad sequence number", str(batch.seq))
-    lengths = {len(getattr(batch, name)) / dtype.itemsize for name, dtype in _COLUMNS}
-    if len(lengths) != 1 or not float(lengths.pop()).is_integer():
+    *lengths, walls = (len(getattr(batch, name)) / dtype.itemsize for name, dtype in _COLUMNS)
+    if len(set(lengths)) != 1 or not float(lengths[0]).is_integer() or walls not in (0, lengths[0]):
         raise WireError("bad scalars", "columns of different lengths")
     if batch.scalar_steps and int(np.frombuffer(batch.scalar_steps, dtype="<i8").min()) < 0:
         raise WireError("bad scalars", "negative step")

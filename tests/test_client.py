@@ -76,6 +76,23 @@ def test_an_encoded_batch_parses_as_the_envelope_protobuf_writes_and_its_columns
     assert back.series.dtype == np.uint32 and back.steps.dtype == np.int64
 
 
+def test_a_wall_time_common_to_every_scalar_is_sent_once():
+    n = 500
+    walls = np.full(n, 1.7e9 + 0.25)
+    columns = ScalarColumns(np.arange(n) % 7, np.arange(n), np.ones(n), walls)
+    common = encode_batch(batch_around_scalars(1), columns)
+    parsed = wire_pb2.Envelope.FromString(common).batch
+    assert parsed.scalar_wall_times == b"" and parsed.wall_time == 1.7e9 + 0.25
+    assert np.array_equal(scalar_columns(parsed).wall_times, walls)
+    # One record with a wall time of its own: the column again, and no batch wall time.
+    walls[-1] += 1
+    each = encode_batch(batch_around_scalars(1), columns)
+    parsed = wire_pb2.Envelope.FromString(each).batch
+    assert len(parsed.scalar_wall_times) == 8 * n and parsed.wall_time == 0
+    assert np.array_equal(scalar_columns(parsed).wall_times, walls)
+    assert len(each) - len(common) > 8 * n - 16
+
+
 def test_a_batch_without_scalars_is_the_envelope_protobuf_writes():
     for seed in range(3):
         batch = batch_around_scalars(seed)

@@ -187,7 +187,7 @@ def dealer(context: zmq.Context, addr: str) -> zmq.Socket:
     return sock
 
 
-# Protocol 2's scalar columns, in the order of a record: (field, little-endian item type).
+# The protocol's scalar columns, in the order of a record: (field, little-endian item type).
 COLUMNS = (
     ("scalar_series", np.dtype("<u4")),
     ("scalar_steps", np.dtype("<i8")),
@@ -216,6 +216,8 @@ class Draft:
         self.steps: list[int] = []
         self.values: list[float] = []
         self.wall_times: list[float] = []
+        # Whether build() sends a wall time common to every record once, as the protocol lets it.
+        self.wall_once = False
 
     def add_series(
         self, tag: str, kind: int, *, subrun: str = "", reduce: Sequence[int] = (), max_outputs: int = 0
@@ -243,7 +245,10 @@ class Draft:
     def build(self) -> wire_pb2.Batch:
         b = self.batch
         b.series_table = table_bytes(self.series)
-        columns = (self.scalar_series, self.steps, self.values, self.wall_times)
+        walls = self.wall_times
+        if self.wall_once and len(walls) == len(self.scalar_series) and len(set(walls)) == 1:
+            b.wall_time, walls = walls[0], []
+        columns = (self.scalar_series, self.steps, self.values, walls)
         for (name, dtype), column in zip(COLUMNS, columns, strict=True):
             setattr(b, name, np.asarray(column, dtype=dtype).tobytes())
         return b
@@ -575,6 +580,7 @@ class Fuzzer:
                     rng.choice((rng.gauss(0, 1e3), math.nan, math.inf, -0.0, 1e308)),
                     WALL + step,
                 )
+            d.wall_once = rng.random() < 0.5
         if what & 2:
             self.add_histogram(b, d.add_series("weights", HISTOGRAM), step, rng.choice(self.histograms))
         if what & 4:
@@ -773,7 +779,11 @@ class Fuzzer:
         elif defect == 7:
             d.add_series("s", TEXT, subrun=rng.choice(("../up", "/root", "a\\b", ".x", "y/")))
         elif defect in (8, 9):  # scalar columns of different lengths, in whole items
-            d.scalar(d.add_series("c", SCALAR, reduce=[MEAN]), 1)
+            # Two records at least: one wall time fewer still leaves one, not the empty column that
+            # stands for a wall time common to every record.
+            c = d.add_series("c", SCALAR, reduce=[MEAN])
+            d.scalar(c, 1)
+            d.scalar(c, 2)
             column = rng.choice((d.scalar_series, d.steps, d.values, d.wall_times))
             if defect == 8:
                 column.append(column[-1])
@@ -839,7 +849,7 @@ class Fuzzer:
             d.build()
             name, dtype = rng.choice(COLUMNS)
             data, cut = getattr(b, name), rng.randrange(1, dtype.itemsize)
-            setattr(b, name, data[:-cut] if rng.random() < 0.5 else data + rng.randbytes(cut))
+            setattr(b, name, data[:-cut] if data and rng.random() < 0.5 else data + rng.randbytes(cut))
         elif defect == 27:  # every column the same number of items, and a half
             d.build()
             for name, dtype in COLUMNS:
@@ -1443,8 +1453,10 @@ def check_admitted(batch: wire_pb2.Batch) -> None:
     kinds = check_admitted_table(batch.series_table)
     sizes = [len(getattr(batch, name)) for name, _ in COLUMNS]
     n = sizes[0] // 4
-    assert sizes == [4 * n, 8 * n, 8 * n, 8 * n], sizes
+    assert sizes[:3] == [4 * n, 8 * n, 8 * n] and sizes[3] in (0, 8 * n), sizes
     columns = [np.frombuffer(getattr(batch, name), dtype=dtype) for name, dtype in COLUMNS]
+    if sizes[3] == 0:  # one wall time for every record
+        columns[3] = np.full(n, batch.wall_time)
     series, steps = columns[0], columns[1]
     assert np.all(series < kinds.size) and np.all(kinds[series] == SCALAR)
     assert np.all(steps >= 0)
