@@ -636,7 +636,7 @@ class Aggregator:
         if not any(recovered.get((path, tag), -1) >= step for tag in _tags(items)):
             return items
         flat = [one for item in items for one in (item.items() if isinstance(item, ScalarBlock) else (item,))]
-        kept = [item for item in flat if recovered.get((path, item.tag), -1) < step]
+        kept: list[Item] = [item for item in flat if recovered.get((path, item.tag), -1) < step]
         self.rewritten += len(flat) - len(kept)
         return kept
 

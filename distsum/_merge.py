@@ -241,7 +241,7 @@ class _Chunk(NamedTuple):
         """The records with steps <= ``last``, and the others (``lo <= last < hi``)."""
         if self.ordered:
             i = int(np.searchsorted(self.steps, last, side="right"))
-            parts = (slice(None, i), slice(i, None))
+            parts: tuple[slice, slice] | tuple[np.ndarray, np.ndarray] = (slice(None, i), slice(i, None))
         else:
             mask = self.steps <= last
             parts = (mask, ~mask)
@@ -271,8 +271,9 @@ def _concat(chunks: list[_Chunk], *, ordered: bool = False) -> _Chunk:
     if ordered:
         order = np.argsort(columns[2], kind="stable")
         columns = [column[order] for column in columns]
+    ranks, series, steps, values, walls = columns
     lo, hi = min(c.lo for c in chunks), max(c.hi for c in chunks)
-    return _Chunk(*columns, lo, hi, ordered)
+    return _Chunk(ranks, series, steps, values, walls, lo, hi, ordered)
 
 
 def distinct_steps(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

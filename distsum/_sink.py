@@ -23,7 +23,7 @@ from distsum import _api
 from distsum._client import HISTOGRAM, IMAGES, RAW, SCALAR, TEXT
 from distsum._eventfile import EventWriter
 from distsum._proto import event_pb2, wire_pb2
-from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, event_bytes
+from distsum._summaries import HistogramItem, ImageItem, ScalarItem, SummaryItem, TextItem, event_bytes
 from distsum._wire import check_run_name
 
 log = logging.getLogger("distsum")
@@ -44,7 +44,7 @@ class Sink(Protocol):
     @property
     def logdir(self) -> str: ...
 
-    def add_items(self, items: Sequence[Item], step: int, wall_time: float | None = None) -> None:
+    def add_items(self, items: Sequence[SummaryItem], step: int, wall_time: float | None = None) -> None:
         """Write ``items`` as one event at ``step``; ``wall_time`` defaults to now."""
 
     def add_event(self, event: event_pb2.Event) -> None:
@@ -74,7 +74,7 @@ class LocalSink:
     def path(self) -> str:
         return self._writer.path
 
-    def add_items(self, items: Sequence[Item], step: int, wall_time: float | None = None) -> None:
+    def add_items(self, items: Sequence[SummaryItem], step: int, wall_time: float | None = None) -> None:
         self._writer.add(event_bytes(step, time.time() if wall_time is None else wall_time, items))
 
     def add_event(self, event: event_pb2.Event) -> None:
@@ -95,7 +95,7 @@ class RemoteSink:
         self.subrun = subrun
         self._closed = False
 
-    def add_items(self, items: Sequence[Item], step: int, wall_time: float | None = None) -> None:
+    def add_items(self, items: Sequence[SummaryItem], step: int, wall_time: float | None = None) -> None:
         # Without a wall time, the client stamps each record as it queues it (a scalar, as the
         # sender batches it).
         wall = wall_time

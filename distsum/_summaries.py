@@ -41,6 +41,7 @@ __all__ = [
     "ScalarBlock",
     "ScalarItem",
     "ScalarTags",
+    "SummaryItem",
     "TextItem",
     "event_bytes",
     "hparams_items",
@@ -68,7 +69,9 @@ class ScalarTags:
 
     def __init__(self, tags: Sequence[str]) -> None:
         self.tags = tuple(tags)
-        parts, slots, offset = [], [], 0
+        parts: list[bytes] = []
+        slots: list[int] = []
+        offset = 0
         for tag in self.tags:
             # Summary.value (field 1) holding Value{tag (1): str, simple_value (2): float}.
             name = tag.encode("utf-8")
@@ -146,7 +149,10 @@ class ProtoItem:
         return self.value.tag
 
 
-Item = ScalarItem | ScalarBlock | HistogramItem | ImageItem | TextItem | ProtoItem
+# One value, as the front ends make them and a Summary holds them.
+SummaryItem = ScalarItem | HistogramItem | ImageItem | TextItem | ProtoItem
+# What an event holds: the aggregator also writes scalars in blocks.
+Item = SummaryItem | ScalarBlock
 
 
 def _metadata(
@@ -238,7 +244,7 @@ def event_bytes(step: int, wall_time: float, items: Iterable[Item]) -> bytes:
     return b"".join((head, b"\x2a", varint(len(summary)), summary))
 
 
-def item_from_value(value: summary_pb2.Summary.Value) -> Item:
+def item_from_value(value: summary_pb2.Summary.Value) -> SummaryItem:
     """The item a ``Summary.Value`` from elsewhere stands for, mergeable where distsum can merge it:
     scalars, legacy histograms on TF1's grid, images, single texts; anything else as it is."""
     kind = value.WhichOneof("value")

@@ -130,7 +130,7 @@ class ScalarColumns(NamedTuple):
 # A histogram's columns: bucket indices and their counts.
 _BUCKETS, _COUNTS = np.dtype("<u2"), np.dtype("<i8")
 
-_COLUMNS = (
+_COLUMNS: tuple[tuple[str, np.dtype], ...] = (
     ("scalar_series", np.dtype("<u4")),
     ("scalar_steps", np.dtype("<i8")),
     ("scalar_values", np.dtype("<f8")),

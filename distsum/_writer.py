@@ -40,7 +40,7 @@ from distsum._histogram import Histogram
 from distsum._image import prepare_images
 from distsum._proto import event_pb2
 from distsum._sink import Sink, WriterOptions, default_logdir, open_sink
-from distsum._summaries import HistogramItem, ImageItem, Item, ScalarItem, TextItem, hparams_items
+from distsum._summaries import HistogramItem, ImageItem, ScalarItem, SummaryItem, TextItem, hparams_items
 
 __all__ = ["SummaryWriter"]
 
@@ -88,7 +88,7 @@ class SummaryWriter:
             raise WriterClosedError(f"SummaryWriter for {self.log_dir} is closed")
         return self._sink
 
-    def _add(self, items: Sequence[Item], step: int | None, tag: str, walltime: float | None) -> None:
+    def _add(self, items: Sequence[SummaryItem], step: int | None, tag: str, walltime: float | None) -> None:
         self._open().add_items(items, _step(step, tag), _walltime(walltime, tag))
 
     def add_scalar(

@@ -47,8 +47,8 @@ from distsum._sink import Sink, WriterOptions, open_sink
 from distsum._summaries import (
     HistogramItem,
     ImageItem,
-    Item,
     ScalarItem,
+    SummaryItem,
     TextItem,
     image_tags,
     item_from_value,
@@ -65,11 +65,11 @@ class Summary:
 
     __slots__ = ("_items",)
 
-    def __init__(self, items: Iterable[Item]) -> None:
-        self._items: tuple[Item, ...] = tuple(items)
+    def __init__(self, items: Iterable[SummaryItem]) -> None:
+        self._items: tuple[SummaryItem, ...] = tuple(items)
 
     @property
-    def items(self) -> tuple[Item, ...]:
+    def items(self) -> tuple[SummaryItem, ...]:
         return self._items
 
     @property
@@ -173,7 +173,7 @@ def merge(
     inputs: Iterable[object], collections: Sequence[str] | None = None, name: str | None = None
 ) -> Summary:
     """The values of all ``inputs`` in order, as one Summary. A tag given twice is a ValueError."""
-    items: list[Item] = []
+    items: list[SummaryItem] = []
     seen: set[str] = set()
     for summary in inputs:
         for item in _as_summary(summary).items:
