@@ -29,6 +29,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from distsum._eventfile import frame, read_records
@@ -155,15 +156,7 @@ class Journal:
         for key, late in self._late:
             late_by_key.setdefault(key, []).append(late)
         for key in self._changed:
-            p = self._progress[key]
-            entry.streams.add(
-                rank=key[0],
-                stream=key[1],
-                merged=p.merged,
-                durable=p.durable,
-                late=late_by_key.get(key, ()),
-                finished=p.finished,
-            )
+            _add_stream(entry, key, self._progress[key], late_by_key.get(key, ()))
         data = frame(entry.SerializeToString())
         if self._file is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -196,15 +189,8 @@ class Journal:
             self.dirty = False
             return
         entry = journal_pb2.Entry(snapshot=True)
-        for (rank, stream), p in self._progress.items():
-            entry.streams.add(
-                rank=rank,
-                stream=stream,
-                merged=p.merged,
-                durable=p.durable,
-                late=list(p.late.values()),
-                finished=p.finished,
-            )
+        for key, p in self._progress.items():
+            _add_stream(entry, key, p, p.late.values())
         data = frame(entry.SerializeToString())
         temporary = self.path + ".new"
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -226,3 +212,12 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.close(self._file)
             self._file = None
+
+
+def _add_stream(
+    entry: journal_pb2.Entry, key: tuple[int, int], p: Progress, late: Iterable[journal_pb2.LateRecords]
+) -> None:
+    """Record stream ``key``'s progress in ``entry``, with the late records ``late``."""
+    entry.streams.add(
+        rank=key[0], stream=key[1], merged=p.merged, durable=p.durable, late=late, finished=p.finished
+    )
