@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,7 +36,7 @@ __all__ = [
     "set_scalar_columns",
 ]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # The aggregator refuses larger frames (ZMQ_MAXMSGSIZE); clients split batches well below it.
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_RANK = (1 << 24) - 1
@@ -85,7 +85,7 @@ def encode_batch(batch: wire_pb2.Batch, scalars: ScalarColumns | None = None) ->
     """
     parts = [b""]
     if scalars is not None:
-        for name, data in _column_bytes(batch, scalars):
+        for name, data in _column_bytes(scalars):
             batch.ClearField(name)
             if data:
                 parts += (_COLUMN_TAGS[name], varint(len(data)), data)
@@ -119,7 +119,8 @@ def decode_ack(frame: bytes) -> wire_pb2.Ack:
 
 
 class ScalarColumns(NamedTuple):
-    """A batch's scalar records as arrays (read-only views of the message's bytes)."""
+    """A batch's scalar records as arrays, one entry per record (from the wire: read-only views of
+    the message's bytes, but for the wall times, which it carries in runs)."""
 
     series: np.ndarray  # uint32
     steps: np.ndarray  # int64
@@ -130,15 +131,17 @@ class ScalarColumns(NamedTuple):
 # A histogram's columns: bucket indices and their counts.
 _BUCKETS, _COUNTS = np.dtype("<u2"), np.dtype("<i8")
 
+# The columns of one entry per record, then the two of one entry per run of equal wall times.
 _COLUMNS: tuple[tuple[str, np.dtype], ...] = (
     ("scalar_series", np.dtype("<u4")),
     ("scalar_steps", np.dtype("<i8")),
     ("scalar_values", np.dtype("<f8")),
-    ("scalar_wall_times", np.dtype("<f8")),
 )
+_WALL_TIMES, _WALL_COUNTS = np.dtype("<f8"), np.dtype("<u4")
 # Each column's field number, length-delimited (wire type 2).
 _COLUMN_TAGS = {
-    name: varint(wire_pb2.Batch.DESCRIPTOR.fields_by_name[name].number << 3 | 2) for name, _ in _COLUMNS
+    name: varint(wire_pb2.Batch.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+    for name in [name for name, _ in _COLUMNS] + ["scalar_wall_times", "scalar_wall_counts"]
 }
 
 
@@ -146,30 +149,31 @@ def set_scalar_columns(
     batch: wire_pb2.Batch, series: np.ndarray, steps: np.ndarray, values: np.ndarray, wall_times: np.ndarray
 ) -> None:
     """Put scalar records, given as columns of one length, into ``batch``."""
-    for name, data in _column_bytes(batch, (series, steps, values, wall_times)):
+    for name, data in _column_bytes(ScalarColumns(series, steps, values, wall_times)):
         setattr(batch, name, data)
 
 
-def _column_bytes(batch: wire_pb2.Batch, columns: Iterable[Any]) -> Iterator[tuple[str, bytes]]:
-    """Each scalar column's field name and bytes on the wire; a wall time common to every record
-    goes into ``batch.wall_time`` instead of a column (a fifth of a batch of scalars)."""
-    for (name, dtype), column in zip(_COLUMNS, columns, strict=True):
-        array = np.asarray(column, dtype=dtype)
-        if name == "scalar_wall_times":
-            batch.ClearField("wall_time")
-            if array.size and bool(np.logical_and.reduce(array == array[0])):
-                batch.wall_time = float(array[0])
-                array = array[:0]
-        yield name, array.tobytes()
+def _column_bytes(scalars: ScalarColumns) -> Iterator[tuple[str, bytes]]:
+    """Each scalar column's field name and bytes on the wire. The wall times go as runs of equal
+    ones: a sender stamps the records it takes together with one time, and a column of them would
+    be two fifths of a batch of scalars."""
+    for (name, dtype), column in zip(_COLUMNS, scalars[:3], strict=True):
+        yield name, np.asarray(column, dtype=dtype).tobytes()
+    walls = np.asarray(scalars.wall_times, dtype=_WALL_TIMES)
+    starts = np.flatnonzero(np.not_equal(walls[1:], walls[:-1])) + 1
+    if walls.size:
+        starts = np.concatenate(([0], starts))
+    yield "scalar_wall_times", walls[starts].tobytes()
+    yield "scalar_wall_counts", np.diff(starts, append=walls.size).astype(_WALL_COUNTS).tobytes()
 
 
 def scalar_columns(batch: wire_pb2.Batch) -> ScalarColumns:
     """The scalar records of a batch that ``decode_batch`` (or this process) made."""
-    series, steps, values, walls = (
-        np.frombuffer(getattr(batch, name), dtype=dtype) for name, dtype in _COLUMNS
+    series, steps, values = (np.frombuffer(getattr(batch, name), dtype=dtype) for name, dtype in _COLUMNS)
+    walls = np.repeat(
+        np.frombuffer(batch.scalar_wall_times, dtype=_WALL_TIMES),
+        np.frombuffer(batch.scalar_wall_counts, dtype=_WALL_COUNTS),
     )
-    if walls.size != series.size:  # left out: one wall time for every record
-        walls = np.full(series.size, batch.wall_time)
     return ScalarColumns(series, steps, values, walls)
 
 
@@ -213,9 +217,18 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
         raise WireError("bad rank", f"rank {origin.rank} of {origin.world_size}")
     if batch.seq < 1:
         raise WireError("bad sequence number", str(batch.seq))
-    *lengths, walls = (len(getattr(batch, name)) / dtype.itemsize for name, dtype in _COLUMNS)
-    if len(set(lengths)) != 1 or not float(lengths[0]).is_integer() or walls not in (0, lengths[0]):
+    lengths = [len(getattr(batch, name)) / dtype.itemsize for name, dtype in _COLUMNS]
+    if len(set(lengths)) != 1 or not float(lengths[0]).is_integer():
         raise WireError("bad scalars", "columns of different lengths")
+    runs = len(batch.scalar_wall_counts) / _WALL_COUNTS.itemsize
+    if len(batch.scalar_wall_times) / _WALL_TIMES.itemsize != runs or not runs.is_integer():
+        raise WireError("bad scalars", "wall times and their counts of different lengths")
+    if runs:
+        counts = np.frombuffer(batch.scalar_wall_counts, dtype=_WALL_COUNTS)
+        if int(np.minimum.reduce(counts)) == 0 or int(np.add.reduce(counts, dtype=np.int64)) != lengths[0]:
+            raise WireError("bad scalars", "wall time counts that are 0 or do not add up to the records")
+    elif lengths[0]:
+        raise WireError("bad scalars", "records without wall times")
     if batch.scalar_steps and int(np.frombuffer(batch.scalar_steps, dtype="<i8").min()) < 0:
         raise WireError("bad scalars", "negative step")
     for records in (batch.histograms, batch.images, batch.texts):

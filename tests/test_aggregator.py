@@ -46,6 +46,7 @@ def garbage(addr: str, n: int) -> None:
     valid.scalar_steps = np.array([3], dtype="<i8").tobytes()
     valid.scalar_values = np.array([1e9], dtype="<f8").tobytes()
     valid.scalar_wall_times = np.array([1.0], dtype="<f8").tobytes()
+    valid.scalar_wall_counts = np.array([1], dtype="<u4").tobytes()
     good = encode_batch(valid)
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)

@@ -76,21 +76,28 @@ def test_an_encoded_batch_parses_as_the_envelope_protobuf_writes_and_its_columns
     assert back.series.dtype == np.uint32 and back.steps.dtype == np.int64
 
 
-def test_a_wall_time_common_to_every_scalar_is_sent_once():
+def test_wall_times_go_once_per_run_of_equal_ones():
     n = 500
     walls = np.full(n, 1.7e9 + 0.25)
     columns = ScalarColumns(np.arange(n) % 7, np.arange(n), np.ones(n), walls)
     common = encode_batch(batch_around_scalars(1), columns)
     parsed = wire_pb2.Envelope.FromString(common).batch
-    assert parsed.scalar_wall_times == b"" and parsed.wall_time == 1.7e9 + 0.25
+    assert np.frombuffer(parsed.scalar_wall_times, "<f8").tolist() == [1.7e9 + 0.25]
+    assert np.frombuffer(parsed.scalar_wall_counts, "<u4").tolist() == [n]
     assert np.array_equal(scalar_columns(parsed).wall_times, walls)
-    # One record with a wall time of its own: the column again, and no batch wall time.
+    # Runs as a sender makes them, one time per round, and a record with a time of its own.
+    walls[200:] += 0.01
     walls[-1] += 1
-    each = encode_batch(batch_around_scalars(1), columns)
-    parsed = wire_pb2.Envelope.FromString(each).batch
-    assert len(parsed.scalar_wall_times) == 8 * n and parsed.wall_time == 0
+    runs = encode_batch(batch_around_scalars(1), columns)
+    parsed = wire_pb2.Envelope.FromString(runs).batch
+    assert np.frombuffer(parsed.scalar_wall_counts, "<u4").tolist() == [200, n - 201, 1]
     assert np.array_equal(scalar_columns(parsed).wall_times, walls)
-    assert len(each) - len(common) > 8 * n - 16
+    assert len(runs) - len(common) == 2 * 12
+    # Every record its own time: a run each.
+    columns = columns._replace(wall_times=np.arange(n, dtype=np.float64))
+    each = wire_pb2.Envelope.FromString(encode_batch(batch_around_scalars(1), columns)).batch
+    assert np.frombuffer(each.scalar_wall_counts, "<u4").tolist() == [1] * n
+    assert np.array_equal(scalar_columns(each).wall_times, columns.wall_times)
 
 
 def test_a_batch_without_scalars_is_the_envelope_protobuf_writes():

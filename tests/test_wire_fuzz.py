@@ -187,12 +187,14 @@ def dealer(context: zmq.Context, addr: str) -> zmq.Socket:
     return sock
 
 
-# The protocol's scalar columns, in the order of a record: (field, little-endian item type).
+# The protocol's scalar columns: (field, little-endian item type). Three of one item per record,
+# then the wall times and their counts, one item per run of records sharing a wall time.
 COLUMNS = (
     ("scalar_series", np.dtype("<u4")),
     ("scalar_steps", np.dtype("<i8")),
     ("scalar_values", np.dtype("<f8")),
     ("scalar_wall_times", np.dtype("<f8")),
+    ("scalar_wall_counts", np.dtype("<u4")),
 )
 
 
@@ -216,8 +218,9 @@ class Draft:
         self.steps: list[int] = []
         self.values: list[float] = []
         self.wall_times: list[float] = []
-        # Whether build() sends a wall time common to every record once, as the protocol lets it.
-        self.wall_once = False
+        # build() sends the wall times in runs of equal ones, each cut after this many records
+        # if not 0: the protocol lets a sender split a run.
+        self.split_runs = 0
 
     def add_series(
         self, tag: str, kind: int, *, subrun: str = "", reduce: Sequence[int] = (), max_outputs: int = 0
@@ -245,10 +248,15 @@ class Draft:
     def build(self) -> wire_pb2.Batch:
         b = self.batch
         b.series_table = table_bytes(self.series)
-        walls = self.wall_times
-        if self.wall_once and len(walls) == len(self.scalar_series) and len(set(walls)) == 1:
-            b.wall_time, walls = walls[0], []
-        columns = (self.scalar_series, self.steps, self.values, walls)
+        times: list[float] = []
+        counts: list[int] = []
+        for wall in self.wall_times:
+            if times and times[-1] == wall and counts[-1] != self.split_runs:
+                counts[-1] += 1
+            else:
+                times.append(wall)
+                counts.append(1)
+        columns = (self.scalar_series, self.steps, self.values, times, counts)
         for (name, dtype), column in zip(COLUMNS, columns, strict=True):
             setattr(b, name, np.asarray(column, dtype=dtype).tobytes())
         return b
@@ -580,7 +588,7 @@ class Fuzzer:
                     rng.choice((rng.gauss(0, 1e3), math.nan, math.inf, -0.0, 1e308)),
                     WALL + step,
                 )
-            d.wall_once = rng.random() < 0.5
+            d.split_runs = rng.choice((0, 0, 1, 3))
         if what & 2:
             self.add_histogram(b, d.add_series("weights", HISTOGRAM), step, rng.choice(self.histograms))
         if what & 4:
@@ -684,7 +692,7 @@ class Fuzzer:
 
     def wrong_version(self) -> list[bytes]:
         rng = self.rng
-        version = rng.choice((0, 1, 2, PROTOCOL_VERSION + 1, 99, 2**31, 2**32 - 1))
+        version = rng.choice((0, 1, 2, 3, PROTOCOL_VERSION + 1, 99, 2**31, 2**32 - 1))
         d = self.valid_batch(rng.choice(self.streams), seq=1)
         if version == 1 and rng.random() < 0.5:
             return [protocol1_frame(d)]  # what a rank of protocol 1 sends
@@ -779,8 +787,8 @@ class Fuzzer:
         elif defect == 7:
             d.add_series("s", TEXT, subrun=rng.choice(("../up", "/root", "a\\b", ".x", "y/")))
         elif defect in (8, 9):  # scalar columns of different lengths, in whole items
-            # Two records at least: one wall time fewer still leaves one, not the empty column that
-            # stands for a wall time common to every record.
+            # Two records at least: one wall time fewer still leaves one, and a count of wall times
+            # that does not add up to the records.
             c = d.add_series("c", SCALAR, reduce=[MEAN])
             d.scalar(c, 1)
             d.scalar(c, 2)
@@ -873,10 +881,29 @@ class Fuzzer:
             set_buckets(h, indices, counts)
             if rng.random() < 0.5:
                 h.buckets, h.counts = rng.choice(((h.buckets + b"\0", h.counts), (h.buckets, h.counts[:-3])))
+        elif defect == 32:  # wall time runs that do not cover the records one by one
+            c = d.add_series("w", SCALAR, reduce=[MEAN])
+            d.scalar(c, 1)
+            d.scalar(c, 2, wall_time=2.0)
+            d.build()
+            n = len(d.scalar_series)
+            times, counts = rng.choice(
+                (
+                    ([1.0, 2.0, 3.0], [1, 0, n - 1]),  # a run of no record
+                    ([1.0], [n - 1]),  # too few in all
+                    ([1.0, 2.0], [n, 1]),  # too many
+                    ([1.0, 2.0], [2**32 - 1, n + 1]),  # past 2**32 in all
+                    ([1.0, 2.0], [n]),  # times and counts of different lengths
+                    ([1.0], [1, n - 1]),
+                    ([], []),  # records without wall times
+                )
+            )
+            b.scalar_wall_times = np.asarray(times, dtype="<f8").tobytes()
+            b.scalar_wall_counts = np.asarray(counts, dtype="<u4").tobytes()
         else:  # seq 0 plus anything
             b.seq = 0
             b.origin.run = rng.choice(("", "fuzz/a", "a" * 1024))
-        if not 26 <= defect <= 30:
+        if not (26 <= defect <= 30 or defect == 32):
             d.build()
         return [envelope(b)]
 
@@ -1452,11 +1479,12 @@ def check_admitted(batch: wire_pb2.Batch) -> None:
     assert batch.seq >= 1
     kinds = check_admitted_table(batch.series_table)
     sizes = [len(getattr(batch, name)) for name, _ in COLUMNS]
-    n = sizes[0] // 4
-    assert sizes[:3] == [4 * n, 8 * n, 8 * n] and sizes[3] in (0, 8 * n), sizes
+    n, runs = sizes[0] // 4, sizes[4] // 4
+    assert sizes == [4 * n, 8 * n, 8 * n, 8 * runs, 4 * runs], sizes
     columns = [np.frombuffer(getattr(batch, name), dtype=dtype) for name, dtype in COLUMNS]
-    if sizes[3] == 0:  # one wall time for every record
-        columns[3] = np.full(n, batch.wall_time)
+    counts, times = columns.pop(), columns.pop()
+    assert np.all(counts >= 1) and int(counts.sum()) == n, counts
+    columns.append(np.repeat(times, counts))  # one wall time per record
     series, steps = columns[0], columns[1]
     assert np.all(series < kinds.size) and np.all(kinds[series] == SCALAR)
     assert np.all(steps >= 0)

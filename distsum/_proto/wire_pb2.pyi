@@ -154,7 +154,7 @@ class SeriesTable(_message.Message):
     def __init__(self, series: _Optional[_Iterable[_Union[Series, _Mapping]]] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("origin", "seq", "series_table", "scalar_series", "scalar_steps", "scalar_values", "scalar_wall_times", "wall_time", "histograms", "images", "texts", "flush", "finish", "raws", "dropped", "resend_from")
+    __slots__ = ("origin", "seq", "series_table", "scalar_series", "scalar_steps", "scalar_values", "scalar_wall_times", "scalar_wall_counts", "histograms", "images", "texts", "flush", "finish", "raws", "dropped", "resend_from")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SERIES_TABLE_FIELD_NUMBER: _ClassVar[int]
@@ -162,7 +162,7 @@ class Batch(_message.Message):
     SCALAR_STEPS_FIELD_NUMBER: _ClassVar[int]
     SCALAR_VALUES_FIELD_NUMBER: _ClassVar[int]
     SCALAR_WALL_TIMES_FIELD_NUMBER: _ClassVar[int]
-    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    SCALAR_WALL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAMS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -178,7 +178,7 @@ class Batch(_message.Message):
     scalar_steps: bytes
     scalar_values: bytes
     scalar_wall_times: bytes
-    wall_time: float
+    scalar_wall_counts: bytes
     histograms: _containers.RepeatedCompositeFieldContainer[Histogram]
     images: _containers.RepeatedCompositeFieldContainer[Images]
     texts: _containers.RepeatedCompositeFieldContainer[Text]
@@ -187,7 +187,7 @@ class Batch(_message.Message):
     raws: _containers.RepeatedCompositeFieldContainer[Raw]
     dropped: int
     resend_from: int
-    def __init__(self, origin: _Optional[_Union[Origin, _Mapping]] = ..., seq: _Optional[int] = ..., series_table: _Optional[bytes] = ..., scalar_series: _Optional[bytes] = ..., scalar_steps: _Optional[bytes] = ..., scalar_values: _Optional[bytes] = ..., scalar_wall_times: _Optional[bytes] = ..., wall_time: _Optional[float] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[Images, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[Text, _Mapping]]] = ..., flush: _Optional[bool] = ..., finish: _Optional[bool] = ..., raws: _Optional[_Iterable[_Union[Raw, _Mapping]]] = ..., dropped: _Optional[int] = ..., resend_from: _Optional[int] = ...) -> None: ...
+    def __init__(self, origin: _Optional[_Union[Origin, _Mapping]] = ..., seq: _Optional[int] = ..., series_table: _Optional[bytes] = ..., scalar_series: _Optional[bytes] = ..., scalar_steps: _Optional[bytes] = ..., scalar_values: _Optional[bytes] = ..., scalar_wall_times: _Optional[bytes] = ..., scalar_wall_counts: _Optional[bytes] = ..., histograms: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[Images, _Mapping]]] = ..., texts: _Optional[_Iterable[_Union[Text, _Mapping]]] = ..., flush: _Optional[bool] = ..., finish: _Optional[bool] = ..., raws: _Optional[_Iterable[_Union[Raw, _Mapping]]] = ..., dropped: _Optional[int] = ..., resend_from: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("stream", "received", "durable", "world_size")

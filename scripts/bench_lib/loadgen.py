@@ -105,7 +105,9 @@ def encode_batches(
         step_column = np.repeat(step_range, tags)
         # Mean over ranks is known in closed form: step/2 + tag + (world-1)/2.
         value_column = step_column * 0.5 + np.tile(tag_index, step_range.size) + rank
-        walls = np.full(step_column.size, now)
+        # A wall time per step, as a client stamps its rows once a round (10 ms) and a rank
+        # logging this much takes about a round a step.
+        walls = now + step_column * 0.01
         set_scalar_columns(batch, np.tile(tag_index, step_range.size), step_column, value_column, walls)
         if first + steps_per_batch > steps:
             batch.flush = batch.finish = True
