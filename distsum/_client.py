@@ -1,19 +1,23 @@
 """The rank side: records go on a queue in the training thread; one thread batches and sends them.
 
 The training thread only validates and appends to the queue. The sender thread owns the ZeroMQ
-socket: every ``batch_interval`` it drains the queue, does the expensive work there (histogram
-bucketing, PNG encoding, protobuf), numbers each batch, sends it, and keeps it until the
-aggregator acknowledges it as durable, resending what was not acknowledged. So a batch lost with
-a connection or an aggregator is sent again, and the aggregator drops the copies it already has by
-(run, rank, stream, seq). Between rounds it waits on the socket and a wake-up pipe together, so
-acknowledgements are read as they arrive and a flush goes out at once.
+socket: every ``batch_interval`` (100 ms) it drains the queue, numbers the batch, sends it, and
+keeps it until the aggregator acknowledges it as durable, resending what was not acknowledged. So
+a batch lost with a connection or an aggregator is sent again, and the aggregator drops the copies
+it already has by (run, rank, stream, seq). In *rounds* between batches, every ``_ROUND`` (10 ms),
+it stamps the rows queued so far with the time and does the expensive work of the records queued
+(histogram bucketing, PNG encoding), a little at a time: in a synchronous job, a long burst of work
+on one rank's cores holds up every rank. A batch, encoded and checked and merged as one, costs the
+sender and the aggregator about as much for one record as for a thousand, so batches are rare.
+The sender waits on the socket and a wake-up pipe together, so acknowledgements are read as they
+arrive and a flush goes out at once.
 
 The queue is a ``bytearray`` of packed rows ``(series uint32, step int64, value float64)``, each
 appended with ``queue += pack_row(series, step, value)``: one C call that converts the numbers
 and one in-place concatenation, atomic, so rows from different threads never interleave. The
 sender takes the rows as numpy columns with one copy, without touching a Python object per row.
-A scalar's wall time is when the sender batches its row, normally within ``batch_interval`` of
-the call: calling ``time.time()`` in the training thread would cost a third of the call. Any other
+A scalar's wall time is that of the sender's first round after the call, normally within 10 ms of
+it: calling ``time.time()`` in the training thread would cost a third of the call. Any other
 record (and every flush marker) waits in ``_breaks`` under a number, and a row ``(BREAK, number,
 0.0)`` holds its place in the queue.
 """
@@ -84,6 +88,8 @@ BREAK = (1 << 32) - 1
 _SCALAR_BYTES = 28
 # Series tables kept by the sender; beyond this many, it starts over.
 _MAX_TABLES = 256
+# How often the sender stamps queued rows and prepares queued records between batches, at most.
+_ROUND = 0.01
 # Bytes of bucketed histogram value arrays kept for the training thread's next copies.
 _MAX_SPARE_BYTES = 32 << 20
 
@@ -93,7 +99,10 @@ class ClientOptions:
     # Records waiting in the training process before the sender takes them; beyond it, new
     # records are dropped and counted rather than letting memory grow or the training block.
     max_buffered: int = 2_000_000
-    batch_interval: float = 0.01
+    # How often the queued records go out as a batch (a flush sends them at once). Each batch
+    # costs a fixed amount on both sides, whatever it holds; a record's wall time does not depend
+    # on it, nor does any record wait beyond it.
+    batch_interval: float = 0.1
     max_batch_records: int = 100_000
     # A batch is closed once its records' payloads reach about this many bytes, far below the
     # aggregator's limit on one message.
@@ -213,9 +222,18 @@ class Client:
         # The sender's rows taken off the queue and not yet batched, from _row on; _stops lists
         # the places in them that hold a break.
         self._rows = np.empty(0, dtype=_ROW_DTYPE)
+        self._row_walls = np.empty(0)
         self._row = 0
+        # Rows ever taken off the queue; and, from the rounds, (rows ever queued, time) for the
+        # rows not taken yet: a row numbered below such a count was queued by that time.
+        self._taken = 0
+        self._stamps: collections.deque[tuple[int, float]] = collections.deque()
+        # The first break a round has yet to prepare, unless drained before.
+        self._unprepared = 0
         self._stops: collections.deque[int] = collections.deque()
-        self._previous: list[_Record] = []
+        # Payloads that preparing made useless, let go one round or batch later (_let_go).
+        self._done_with: list[Any] = []
+        self._previous: list[Any] = []
         # Arrays of histogram values the sender has bucketed, by (dtype, size), for the training
         # thread's next copies: fresh memory for a copy page-faults in, at several times the cost
         # of the copy itself. At most _MAX_SPARE_BYTES in all.
@@ -297,15 +315,6 @@ class Client:
             copy = np.empty(values.size, dtype=values.dtype)
         np.copyto(copy.reshape(values.shape), values)
         self.put(series_of(*key), step, copy, None, spare=True)
-
-    def _keep_spares(self, records: list[_Record]) -> None:
-        """Keep the value arrays of ``records``, bucketed now, for ``add_values`` (up to a bound)."""
-        with self._spare_lock:
-            for record in records:
-                values = record.payload
-                if record.spare and self._spare_bytes + values.nbytes <= _MAX_SPARE_BYTES:
-                    self._spares.setdefault((values.dtype.str, values.size), []).append(values)
-                    self._spare_bytes += values.nbytes
 
     def put(self, series: int, step: int, payload: Any, wall: float | None, *, spare: bool = False) -> None:
         """Queue one record of series number ``series`` (``series_of``; see ``add``).
@@ -401,14 +410,16 @@ class Client:
         watching_out = False
         now = time.monotonic()
         last_sent = last_progress = now
-        next_round = now + options.batch_interval
+        round_interval = min(_ROUND, options.batch_interval)
+        next_batch = now + options.batch_interval
+        next_round = now + round_interval
         while not self._stop:
             if (self._unsent is not None and not self._window_full) != watching_out:
                 # While a batch waits for the socket, wake as soon as it can take one (IMMEDIATE:
                 # a completed connection, say to an aggregator that has just started).
                 watching_out = not watching_out
                 poller.modify(self._socket, (zmq.POLLIN | zmq.POLLOUT) if watching_out else zmq.POLLIN)
-            wake_at = min(next_round, last_sent + options.heartbeat)
+            wake_at = min(next_round, next_batch, last_sent + options.heartbeat)
             if self._unacked:
                 wake_at = min(wake_at, last_progress + options.resend_after)
             events = dict(poller.poll(max(0, math.ceil((wake_at - time.monotonic()) * 1000))))
@@ -418,12 +429,16 @@ class Client:
                 self._read_wake_ups()
             if events.get(self._socket, 0) & zmq.POLLIN and self._receive_acks():
                 last_progress = now
-            due = woken or now >= next_round
+            due = woken or now >= next_batch
             if (due and self._queued()) or now - last_sent >= options.heartbeat:
                 self._send_batches()
                 last_sent = now
+            elif now >= next_round:
+                self._round()
             if due:
-                next_round = now + options.batch_interval
+                next_batch = now + options.batch_interval
+            if due or now >= next_round:
+                next_round = now + round_interval
             if self._unsent is not None and (
                 events.get(self._socket, 0) & zmq.POLLOUT or (self._window_full and not self._over_window(0))
             ):
@@ -439,6 +454,45 @@ class Client:
                 last_progress = now
         self._previous = []
 
+    def _round(self) -> None:
+        """Between batches: stamp the rows queued so far with the time, prepare the records."""
+        self._let_go()
+        queued = self._taken + len(self._queue) // _ROW.size
+        if queued > (self._stamps[-1][0] if self._stamps else self._taken):
+            self._stamps.append((queued, time.time()))
+        # Breaks are numbered in the order they are queued (but for a race between two logging
+        # threads, which leaves one to the batch), and drained in that order.
+        number = self._unprepared
+        while (entry := self._breaks.get(number)) is not None:
+            if isinstance(entry, _Record):
+                self._prepare(entry)
+            number += 1
+        self._unprepared = number
+
+    def _prepare(self, record: _Record) -> None:
+        """Bucket a record's histogram values or encode its images, once; keep a spare array."""
+        kind, payload = _series[record.series].kind, record.payload
+        if kind == HISTOGRAM and not isinstance(payload, Histogram):
+            record.payload = Histogram.from_values(payload, tag=_series[record.series].tag)
+            with self._spare_lock:
+                if record.spare and self._spare_bytes + payload.nbytes <= _MAX_SPARE_BYTES:
+                    self._spares.setdefault((payload.dtype.str, payload.size), []).append(payload)
+                    self._spare_bytes += payload.nbytes
+                    payload = None
+            record.spare = False
+        elif kind == IMAGES and not all(isinstance(p, EncodedImage) for p in payload):
+            record.payload = [p if isinstance(p, EncodedImage) else encode_png(p) for p in payload]
+        else:
+            return
+        self._done_with.append(payload)
+
+    def _let_go(self) -> None:
+        # Payloads (pixels, histogram values beyond the spares) are let go a round after they were
+        # prepared, while the training thread is making the next ones: freed at once, they can
+        # leave the top of the heap free and malloc returns it to the kernel, so every copy of the
+        # next burst page-faults fresh memory in (several times the cost of a copy).
+        self._previous, self._done_with = self._done_with, []
+
     def _read_wake_ups(self) -> None:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_read, 4096):
@@ -450,17 +504,12 @@ class Client:
     def _send_batches(self) -> None:
         """Batch everything queued (at least one batch: an empty one is a heartbeat)."""
         while True:
-            rows, others, markers, cut = self._drain()
-            # The previous batch's payloads (pixels, histogram values beyond the spares) are let
-            # go only now, while the training thread is making the next ones: freed all at once
-            # between rounds, they leave the top of the heap free and malloc returns it to the
-            # kernel, so every copy of the next burst page-faults fresh memory in (several times
-            # the cost of a copy).
-            self._previous, previous = others, self._previous
-            del previous
+            self._let_go()
+            rows, walls, others, markers, cut = self._drain()
+            for record in others:
+                self._prepare(record)
             self._seq += 1
-            data = self._encode(rows, others, markers)
-            self._keep_spares(others)
+            data = self._encode(rows, walls, others, markers)
             self._unacked.add(self._seq, data, len(rows) + len(others))
             for marker in markers:
                 marker.seq = self._seq
@@ -470,14 +519,16 @@ class Client:
             if not (cut and self._queued()):
                 return
 
-    def _drain(self) -> tuple[np.ndarray, list[_Record], list[_Marker], bool]:
-        """The next batch's records: scalar rows, other records, the flush marker that ends it.
+    def _drain(self) -> tuple[np.ndarray, np.ndarray, list[_Record], list[_Marker], bool]:
+        """The next batch's records: scalar rows and their wall times, other records, the flush
+        marker that ends it.
 
         The last item says whether the batch was cut short (by a marker or a limit) rather than
         taking everything queued.
         """
         record_limit, byte_limit = self.options.max_batch_records, self.options.max_batch_bytes
         blocks: list[np.ndarray] = []
+        wall_blocks: list[np.ndarray] = []
         others: list[_Record] = []
         markers: list[_Marker] = []
         count = size = 0
@@ -495,6 +546,7 @@ class Client:
             end = min(stop, self._row + room)
             if end > self._row:
                 blocks.append(self._rows[self._row : end])
+                wall_blocks.append(self._row_walls[self._row : end])
                 count += end - self._row
                 size += (end - self._row) * _SCALAR_BYTES
                 self._row = end
@@ -502,15 +554,20 @@ class Client:
             # At a break, with room for it.
             self._stops.popleft()
             self._row += 1
-            entry = self._breaks.pop(int(self._rows["step"][stop]))
+            number = int(self._rows["step"][stop])
+            entry = self._breaks.pop(number)
+            self._unprepared = max(self._unprepared, number + 1)
             if isinstance(entry, _Marker):
                 markers.append(entry)  # a flush covers what came before it; the rest goes next
                 break
             others.append(entry)
             count += 1
             size += _payload_bytes(_series[entry.series].kind, entry.payload)
-        rows = blocks[0] if len(blocks) == 1 else np.concatenate(blocks) if blocks else self._rows[:0]
-        return rows, others, markers, cut
+        if len(blocks) == 1:
+            return blocks[0], wall_blocks[0], others, markers, cut
+        if blocks:
+            return np.concatenate(blocks), np.concatenate(wall_blocks), others, markers, cut
+        return self._rows[:0], self._row_walls[:0], others, markers, cut
 
     def _take_rows(self, room: int) -> bool:
         """Move up to ``room`` rows from the front of the queue to the sender's; False if none."""
@@ -522,16 +579,30 @@ class Client:
         size = _ROW.size * n
         self._rows = np.frombuffer(self._queue[:size], dtype=_ROW_DTYPE)
         del self._queue[:size]
+        first, self._taken = self._taken, self._taken + n
+        # Each row's wall time: that of the first round that found it queued, or now.
+        stamps = self._stamps
+        now = time.time()
+        if not stamps:
+            self._row_walls = np.full(n, now)
+        else:
+            counts = np.fromiter((queued for queued, _ in stamps), dtype=np.int64, count=len(stamps))
+            times = np.fromiter((wall for _, wall in stamps), dtype=np.float64, count=len(stamps))
+            stamp = np.searchsorted(counts, np.arange(first, self._taken), "right")
+            self._row_walls = np.append(times, now)[stamp]
+            while stamps and stamps[0][0] <= self._taken:
+                stamps.popleft()
         self._row = 0
         self._stops = collections.deque(np.flatnonzero(self._rows["series"] == BREAK).tolist())
         return True
 
-    def _encode(self, rows: np.ndarray, others: list[_Record], markers: list[_Marker]) -> bytes:
+    def _encode(
+        self, rows: np.ndarray, walls: np.ndarray, others: list[_Record], markers: list[_Marker]
+    ) -> bytes:
+        """The batch of ``_drain``'s records, the others prepared (``_prepare``)."""
         batch = wire_pb2.Batch(seq=self._seq)
         batch.origin.CopyFrom(self._origin)
         numbers, steps, values = rows["series"].astype(np.intp), rows["step"], rows["value"]
-        # The rows' wall time: when they are batched, within about batch_interval of their calls.
-        walls = np.full(len(rows), time.time())
         stamped = [r for r in others if _series[r.series].kind == SCALAR]  # given a wall time
         if stamped:
             numbers = np.concatenate([numbers, [r.series for r in stamped]])
@@ -553,13 +624,10 @@ class Client:
             if series.kind == RAW:
                 batch.raws.add(subrun=series.subrun, event=payload)
             elif series.kind == HISTOGRAM:
-                if not isinstance(payload, Histogram):
-                    payload = Histogram.from_values(payload, tag=series.tag)
                 add_histogram(batch, i, step, wall, payload)
             elif series.kind == IMAGES:
                 images = batch.images.add(series=i, step=step, wall_time=wall)
-                for pixels in payload:
-                    encoded = pixels if isinstance(pixels, EncodedImage) else encode_png(pixels)
+                for encoded in payload:
                     images.image.add(
                         height=encoded.height,
                         width=encoded.width,

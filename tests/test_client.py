@@ -12,6 +12,7 @@ import pytest
 import distsum
 from distsum import _client
 from distsum._histogram import Histogram
+from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
 from distsum._wire import (
     PROTOCOL_VERSION,
@@ -23,7 +24,7 @@ from distsum._wire import (
     set_scalar_columns,
 )
 from tests.daemon import rank_of_a_daemon, start_daemon, stop_daemon
-from tests.tbreaders import acc_histograms, acc_scalars, acc_text, accumulate
+from tests.tbreaders import acc_histograms, acc_images, acc_scalars, acc_text, accumulate
 
 # Bounds on how long a prompt flush may take: generous, since the machine may be busy; the
 # behaviour they tell apart is a flush that waits for the sender's next round (seconds here).
@@ -360,8 +361,8 @@ def test_what_is_on_its_way_to_a_stalled_aggregator_stays_within_the_window(tmp_
 
 
 def test_a_scalar_is_stamped_when_logged_unless_a_wall_time_is_given(tmp_path):
-    # distsum.scalar's rows are stamped by the sender as it batches them (within batch_interval of
-    # the call); a SummaryWriter's walltime= is kept exactly.
+    # distsum.scalar's rows are stamped by the sender in its next round (within about 10 ms of the
+    # call); a SummaryWriter's walltime= is kept exactly.
     run = tmp_path / "run"
     distsum.init(0, 1, logdir=run)
     try:
@@ -378,3 +379,57 @@ def test_a_scalar_is_stamped_when_logged_unless_a_wall_time_is_given(tmp_path):
     ((logged, _),) = [(e.wall_time, e.step) for e in acc.Tensors("logged")]
     assert before <= logged <= after
     assert [e.wall_time for e in acc.Tensors("given")] == [1234.5]
+
+
+def test_each_step_keeps_the_time_it_was_logged_at_however_rarely_batches_go(tmp_path):
+    # Batches go out every batch_interval, here longer than the test: the sender stamps the rows
+    # queued in its rounds between them, and the last step's row, taken before any round found it,
+    # when it takes it.
+    run = tmp_path / "run"
+    distsum.init(0, 1, logdir=run, batch_interval=60.0)
+    try:
+        logged = []
+        for step in range(4):
+            logged.append(time.time())
+            distsum.scalar("x", 1.0, step)
+            if step < 3:
+                time.sleep(0.5)
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+    walls = [e.wall_time for e in accumulate(run).Tensors("x")]
+    assert len(walls) == 4
+    for wall, t in zip(walls, logged, strict=True):
+        assert t <= wall < t + 0.4, [w - t for w, t in zip(walls, logged, strict=True)]
+
+
+def test_histograms_and_images_are_prepared_between_batches(tmp_path):
+    # The sender buckets histograms and encodes images in its rounds, a little at a time, not in
+    # a burst when the batch goes out; the batch then carries what they became.
+    run = tmp_path / "run"
+    values = np.random.default_rng(0).normal(size=10_000).astype(np.float32)
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    distsum.init(0, 1, logdir=run, batch_interval=60.0)
+    try:
+        client = distsum._api.client()
+        assert distsum.flush(30)
+        sent = client._seq
+        distsum.histogram("h", values, 1)
+        distsum.image("i", pixels, 1, dataformats="HWC")
+        histogram, images = list(client._breaks.values())
+        deadline = time.monotonic() + 30
+        while not isinstance(images.payload[0], EncodedImage) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(histogram.payload, Histogram) and isinstance(images.payload[0], EncodedImage)
+        assert client._seq == sent  # no batch has gone since
+        # The values' array, bucketed, waits for the next histogram's copy.
+        assert client._spares[(values.dtype.str, values.size)]
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+    acc = accumulate(run)
+    ((step, rows),) = acc_histograms(acc, "h")
+    assert step == 1
+    np.testing.assert_array_equal(rows, Histogram.from_values(values, tag="h").rows())
+    ((step, (png,)),) = acc_images(acc, "i/image/0")
+    assert step == 1 and png == encode_png(pixels).png
