@@ -474,17 +474,24 @@ class Client:
         kind, payload = _series[record.series].kind, record.payload
         if kind == HISTOGRAM and not isinstance(payload, Histogram):
             record.payload = Histogram.from_values(payload, tag=_series[record.series].tag)
-            with self._spare_lock:
-                if record.spare and self._spare_bytes + payload.nbytes <= _MAX_SPARE_BYTES:
-                    self._spares.setdefault((payload.dtype.str, payload.size), []).append(payload)
-                    self._spare_bytes += payload.nbytes
-                    payload = None
-            record.spare = False
+            if record.spare:
+                record.spare = False
+                if self._keep_spare(payload):
+                    return
         elif kind == IMAGES and not all(isinstance(p, EncodedImage) for p in payload):
             record.payload = [p if isinstance(p, EncodedImage) else encode_png(p) for p in payload]
         else:
             return
         self._done_with.append(payload)
+
+    def _keep_spare(self, values: np.ndarray) -> bool:
+        """Keep a bucketed array of values for ``add_values``'s next copies, if within the bound."""
+        with self._spare_lock:
+            if self._spare_bytes + values.nbytes > _MAX_SPARE_BYTES:
+                return False
+            self._spares.setdefault((values.dtype.str, values.size), []).append(values)
+            self._spare_bytes += values.nbytes
+            return True
 
     def _let_go(self) -> None:
         # Payloads (pixels, histogram values beyond the spares) are let go a round after they were
