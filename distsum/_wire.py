@@ -138,10 +138,11 @@ _COLUMNS: tuple[tuple[str, np.dtype], ...] = (
     ("scalar_values", np.dtype("<f8")),
 )
 _WALL_TIMES, _WALL_COUNTS = np.dtype("<f8"), np.dtype("<u4")
+_WALL_COLUMNS = (("scalar_wall_times", _WALL_TIMES), ("scalar_wall_counts", _WALL_COUNTS))
 # Each column's field number, length-delimited (wire type 2).
 _COLUMN_TAGS = {
     name: varint(wire_pb2.Batch.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
-    for name in [name for name, _ in _COLUMNS] + ["scalar_wall_times", "scalar_wall_counts"]
+    for name, _ in _COLUMNS + _WALL_COLUMNS
 }
 
 
