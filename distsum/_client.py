@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import math
+import mmap
 import os
 import random
 import socket
@@ -239,6 +240,8 @@ class Client:
         # of the copy itself. At most _MAX_SPARE_BYTES in all.
         self._spares: dict[tuple[str, int], list[np.ndarray]] = {}
         self._spare_bytes = 0
+        # Copies that found no spare, by (dtype, size), since the sender last made spares for them.
+        self._misses: dict[tuple[str, int], int] = {}
         self._spare_lock = threading.Lock()
         self._tables: dict[bytes, bytes] = {}
         self.dropped = 0
@@ -254,14 +257,18 @@ class Client:
         self._durable = 0
         self.world_size = world_size
         self._cond = threading.Condition()
-        # A byte in this pipe wakes the sender from its poll (a flush, or close). The lock keeps a
-        # flush in another thread from writing to the descriptor once close() has released it.
+        # A byte in this pipe wakes the sender from its poll (a flush, close, a copy that found no
+        # spare). The lock keeps a flush in another thread from writing to the descriptor once
+        # close() has released it.
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._wake_lock = threading.Lock()
         self._stop = False
         self._closed = False
+        # Set by a flush before it wakes the sender: the queue goes out at once. Other wake-ups
+        # (close, a copy that found no spare) only wake it.
+        self._flush_asked = False
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         # Explicit limits: pyzmq's defaults block the sender at the high-water mark and make
@@ -306,12 +313,20 @@ class Client:
         sender gave back if one of that dtype and size is spare: the caller may change ``values``
         as soon as this returns."""
         copy = None
+        missed = False
+        like = (values.dtype.str, values.size)
         with self._spare_lock:
-            spares = self._spares.get((values.dtype.str, values.size))
+            spares = self._spares.get(like)
             if spares:
                 copy = spares.pop()
                 self._spare_bytes -= copy.nbytes
+            elif self._spare_bytes + values.nbytes <= _MAX_SPARE_BYTES:
+                self._misses[like] = self._misses.get(like, 0) + 1
+                missed = True
         if copy is None:
+            if missed:
+                # The sender faults in a spare for the next copy meanwhile, on its own core.
+                self._wake()
             copy = np.empty(values.size, dtype=values.dtype)
         np.copyto(copy.reshape(values.shape), values)
         self.put(series_of(*key), step, copy, None, spare=True)
@@ -364,6 +379,7 @@ class Client:
             )
         marker = _Marker(finish)
         self._enqueue_break(marker)
+        self._flush_asked = True
         self._wake()
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -424,12 +440,15 @@ class Client:
                 wake_at = min(wake_at, last_progress + options.resend_after)
             events = dict(poller.poll(max(0, math.ceil((wake_at - time.monotonic()) * 1000))))
             now = time.monotonic()
-            woken = self._wake_read in events
-            if woken:
+            if self._wake_read in events:
                 self._read_wake_ups()
+            if self._misses:
+                self._make_spares()
             if events.get(self._socket, 0) & zmq.POLLIN and self._receive_acks():
                 last_progress = now
-            due = woken or now >= next_batch
+            # Cleared before the queue is drained: a flush asking after this wakes the poll again.
+            due = self._flush_asked or now >= next_batch
+            self._flush_asked = False
             if (due and self._queued()) or now - last_sent >= options.heartbeat:
                 self._send_batches()
                 last_sent = now
@@ -492,6 +511,23 @@ class Client:
             self._spares.setdefault((values.dtype.str, values.size), []).append(values)
             self._spare_bytes += values.nbytes
             return True
+
+    def _make_spares(self) -> None:
+        """Fault in an array for each copy that found no spare of its dtype and size, within bound.
+
+        Made here, on the sender's core, the page faults of fresh memory are off the training
+        thread: a burst of histograms before any has been bucketed would otherwise pay them all.
+        """
+        with self._spare_lock:
+            misses, self._misses = self._misses, {}
+        for (dtype, size), count in misses.items():
+            for _ in range(count):
+                if self._spare_bytes + size * np.dtype(dtype).itemsize > _MAX_SPARE_BYTES:
+                    return
+                values = np.empty(size, dtype=dtype)
+                # A write to each page faults it in (zeroed by the kernel).
+                values.view(np.uint8)[:: mmap.PAGESIZE] = 0
+                self._keep_spare(values)
 
     def _let_go(self) -> None:
         # Payloads (pixels, histogram values beyond the spares) are let go a round after they were

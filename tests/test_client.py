@@ -403,6 +403,43 @@ def test_each_step_keeps_the_time_it_was_logged_at_however_rarely_batches_go(tmp
         assert t <= wall < t + 0.4, [w - t for w, t in zip(walls, logged, strict=True)]
 
 
+def test_a_copy_that_found_no_spare_array_has_one_faulted_in_for_the_next(tmp_path, monkeypatch):
+    # No round, batch or heartbeat for a minute: nothing is bucketed, so a spare array can only
+    # be one the sender made because a copy found none.
+    monkeypatch.setattr(_client, "_ROUND", 60.0)
+    run = tmp_path / "run"
+    values = np.random.default_rng(0).normal(size=100_000).astype(np.float32)
+    like = (values.dtype.str, values.size)
+    distsum.init(0, 1, logdir=run, batch_interval=60.0, heartbeat=60.0)
+    try:
+        client = distsum._api.client()
+        distsum.histogram("h", values, 1)
+        deadline = time.monotonic() + 30
+        while not client._spares.get(like) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        (spare,) = client._spares[like]
+        (record,) = client._breaks.values()
+        assert not isinstance(record.payload, Histogram)  # not bucketed: the spare is a new array
+        assert not np.shares_memory(spare, record.payload)
+        # The next copy goes into it.
+        distsum.histogram("h", values * 2, 2)
+        assert not client._spares[like]
+        second = client._breaks[max(client._breaks)]
+        assert second.payload is spare
+        # Within the bound only: an array that would not fit is neither copied into a spare nor made.
+        big = np.zeros(_client._MAX_SPARE_BYTES // 8 + 1)
+        distsum.histogram("big", big, 1)
+        time.sleep(0.2)
+        assert (big.dtype.str, big.size) not in client._spares and not client._misses
+        assert distsum.finish(60)
+    finally:
+        distsum.finish(5)
+    acc = accumulate(run)
+    for (step, rows), scale in zip(acc_histograms(acc, "h"), (1, 2), strict=True):
+        assert step == scale
+        np.testing.assert_array_equal(rows, Histogram.from_values(values * scale, tag="h").rows())
+
+
 def test_histograms_and_images_are_prepared_between_batches(tmp_path):
     # The sender buckets histograms and encodes images in its rounds, a little at a time, not in
     # a burst when the batch goes out; the batch then carries what they became.
