@@ -320,7 +320,7 @@ class Client:
             if spares:
                 copy = spares.pop()
                 self._spare_bytes -= copy.nbytes
-            elif self._spare_bytes + values.nbytes <= _MAX_SPARE_BYTES:
+            elif self._room_for_spare(values.nbytes):
                 self._misses[like] = self._misses.get(like, 0) + 1
                 missed = True
         if copy is None:
@@ -506,11 +506,14 @@ class Client:
     def _keep_spare(self, values: np.ndarray) -> bool:
         """Keep a bucketed array of values for ``add_values``'s next copies, if within the bound."""
         with self._spare_lock:
-            if self._spare_bytes + values.nbytes > _MAX_SPARE_BYTES:
+            if not self._room_for_spare(values.nbytes):
                 return False
             self._spares.setdefault((values.dtype.str, values.size), []).append(values)
             self._spare_bytes += values.nbytes
             return True
+
+    def _room_for_spare(self, nbytes: int) -> bool:
+        return self._spare_bytes + nbytes <= _MAX_SPARE_BYTES
 
     def _make_spares(self) -> None:
         """Fault in an array for each copy that found no spare of its dtype and size, within bound.
@@ -522,7 +525,7 @@ class Client:
             misses, self._misses = self._misses, {}
         for (dtype, size), count in misses.items():
             for _ in range(count):
-                if self._spare_bytes + size * np.dtype(dtype).itemsize > _MAX_SPARE_BYTES:
+                if not self._room_for_spare(size * np.dtype(dtype).itemsize):
                     return
                 values = np.empty(size, dtype=dtype)
                 # A write to each page faults it in (zeroed by the kernel).
