@@ -513,6 +513,8 @@ class Client:
             return True
 
     def _room_for_spare(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of spare arrays fit the bound: exact under ``_spare_lock``, and
+        without it a hint that ``_keep_spare`` checks again."""
         return self._spare_bytes + nbytes <= _MAX_SPARE_BYTES
 
     def _make_spares(self) -> None:
