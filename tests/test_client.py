@@ -168,6 +168,35 @@ def test_finish_with_the_embedded_aggregator_and_a_one_second_batch_interval(tmp
     assert acc_scalars(accumulate(tmp_path), "loss") == [(s, 0.5) for s in range(100)]
 
 
+def test_init_on_rank_0_returns_once_its_embedded_aggregator_answers(tmp_path):
+    # Its start-up then does not share the cores with the first steps of the training loop.
+    distsum.init(0, 1, logdir=str(tmp_path))
+    try:
+        client = distsum._api.client()
+        assert client._received >= 1  # without a flush: init's own has been answered
+        distsum.scalar("x", 1.0, 0)
+        assert distsum.finish(30)
+    finally:
+        distsum.finish(5)
+    assert acc_scalars(accumulate(tmp_path), "x") == [(0, 1.0)]
+
+
+def test_init_warns_naming_the_log_when_the_aggregator_is_slow_to_answer(tmp_path, monkeypatch, caplog):
+    # No aggregator starts within a millisecond: init says where to look and returns, and the
+    # records logged meanwhile arrive once it is up.
+    monkeypatch.setattr(distsum._api, "AGGREGATOR_START_TIMEOUT", 0.001)
+    with caplog.at_level("WARNING", logger="distsum"):
+        distsum.init(0, 1, logdir=str(tmp_path))
+    try:
+        (warning,) = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
+        assert str(tmp_path / "distsum-aggregator.log") in warning
+        distsum.scalar("x", 2.0, 0)
+        assert distsum.finish(30)
+    finally:
+        distsum.finish(5)
+    assert acc_scalars(accumulate(tmp_path), "x") == [(0, 2.0)]
+
+
 # --- what arrives -----------------------------------------------------------------------------
 
 
