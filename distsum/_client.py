@@ -85,8 +85,9 @@ _ROW_DTYPE = np.dtype([("series", "<u4"), ("step", "<i8"), ("value", "<f8")])
 assert _ROW_DTYPE.itemsize == _ROW.size
 # The series of a row that holds the place of a break; series numbers stay below it.
 BREAK = (1 << 32) - 1
-# What a scalar adds to a batch: its four column entries.
-_SCALAR_BYTES = 28
+# What a scalar adds to a batch at most: its three column entries (series, step, value) and a
+# run of wall times of its own (a time and a count), as when every scalar has its own walltime=.
+_SCALAR_BYTES = 32
 # Series tables kept by the sender; beyond this many, it starts over.
 _MAX_TABLES = 256
 # How often the sender stamps queued rows and prepares queued records between batches, at most.

@@ -94,11 +94,15 @@ def test_wall_times_go_once_per_run_of_equal_ones():
     assert np.frombuffer(parsed.scalar_wall_counts, "<u4").tolist() == [200, n - 201, 1]
     assert np.array_equal(scalar_columns(parsed).wall_times, walls)
     assert len(runs) - len(common) == 2 * 12
-    # Every record its own time: a run each.
+    # Every record its own time: a run each, the most a scalar adds to a batch (the sender's
+    # bound when it cuts batches by bytes).
     columns = columns._replace(wall_times=np.arange(n, dtype=np.float64))
-    each = wire_pb2.Envelope.FromString(encode_batch(batch_around_scalars(1), columns)).batch
+    data = encode_batch(batch_around_scalars(1), columns)
+    each = wire_pb2.Envelope.FromString(data).batch
     assert np.frombuffer(each.scalar_wall_counts, "<u4").tolist() == [1] * n
     assert np.array_equal(scalar_columns(each).wall_times, columns.wall_times)
+    headers = 5 * 6  # each column's field tag and length
+    assert len(data) - len(encode_batch(batch_around_scalars(1))) <= n * _client._SCALAR_BYTES + headers
 
 
 def test_a_batch_without_scalars_is_the_envelope_protobuf_writes():
