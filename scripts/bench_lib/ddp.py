@@ -34,26 +34,21 @@ import threading
 import time
 from typing import Any
 
-from bench_lib.common import call_main
+from bench_lib.common import call_main, proc_cpu
 
 MODES = ("none", "distsum", "allreduce", "allreduce_each", "per_rank")
 # The reference block run again at the end of each repeat.
 NONE_AGAIN = "none_again"
 
 
-def _cpu_seconds(stat_path: str) -> float:
-    """User plus system CPU of a process or thread, from its /proc stat file."""
-    with open(stat_path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_now(sender: threading.Thread | None, aggregator: Any) -> dict[str, float]:
-    now = {"process": _cpu_seconds("/proc/self/stat")}
-    if sender is not None:
-        now["sender"] = _cpu_seconds(f"/proc/self/task/{sender.native_id}/stat")
+    # Clocks that count in nanoseconds: a block of 40 steps is a few hundred milliseconds, and
+    # the 10 ms ticks of /proc/PID/stat made "the rest of the ranks" come out negative.
+    now = {"process": time.process_time()}
+    if sender is not None and sender.ident is not None:
+        now["sender"] = time.clock_gettime(time.pthread_getcpuclockid(sender.ident))
     if aggregator is not None:
-        now["aggregator"] = _cpu_seconds(f"/proc/{aggregator.pid}/stat")
+        now["aggregator"] = proc_cpu(aggregator.pid)
     return now
 
 
