@@ -45,7 +45,7 @@ def _cpu_now(sender: threading.Thread | None, aggregator: Any) -> dict[str, floa
     # Clocks that count in nanoseconds: a block of 40 steps is a few hundred milliseconds, and
     # the 10 ms ticks of /proc/PID/stat made "the rest of the ranks" come out negative.
     now = {"process": time.process_time()}
-    if sender is not None and sender.ident is not None:
+    if sender is not None:  # found among the running threads: it has an ident
         now["sender"] = time.clock_gettime(time.pthread_getcpuclockid(sender.ident))
     if aggregator is not None:
         now["aggregator"] = proc_cpu(aggregator.pid)
