@@ -148,6 +148,7 @@ def capacity(
     steps_per_batch: int,
     lag: bool = False,
     window: int | None = None,
+    max_in_flight_bytes: int = 16 << 20,
     check: bool = True,
     timeout: float = 600,
 ) -> dict[str, Any]:
@@ -156,8 +157,10 @@ def capacity(
     ``lag``: the last rank sends all its batches only after every other rank has sent all of its
     own, so the aggregator must hold every step until then (the memory case). ``window``: a rank
     sends batch ``b`` only once the aggregator acknowledged receiving batch ``b - window``, so
-    batches do not pile up in ZeroMQ's queues (None: as fast as the socket takes them, as a
-    real client does).
+    batches do not pile up in ZeroMQ's queues (None: as fast as the socket takes them).
+    ``max_in_flight_bytes`` bounds each rank as a client's option of that name does (and with
+    its default): a batch waits while the ones sent before it and not yet acknowledged as
+    received, with it, would be more bytes than that.
     """
     logdir = tempfile.mkdtemp(prefix="bench-agg-")
     addr = f"ipc://{logdir}/agg.sock"
@@ -172,6 +175,8 @@ def capacity(
             batches.append(encoded)
             total += values
         nbatches = len(batches[0])
+        # sent_before[r][b]: the bytes of rank r's batches before batch b.
+        sent_before = [np.cumsum([0, *map(len, per_rank)]) for per_rank in batches]
         poller = zmq.Poller()
         for _ in range(ranks):
             s = context.socket(zmq.DEALER)
@@ -197,12 +202,19 @@ def capacity(
                     durable[r] = max(durable[r], ack.durable)
                     received[r] = max(received[r], ack.received)
 
+        def must_wait(r: int, b: int) -> bool:
+            # received[r] counts rank r's batches received in order, so batches received[r]..b-1
+            # are in flight; as in the client, one batch alone may go whatever its size.
+            if window is not None and received[r] < b - window:
+                return True
+            in_flight = sent_before[r][b + 1] - sent_before[r][received[r]]
+            return received[r] < b and in_flight > max_in_flight_bytes
+
         def send(r: int, b: int) -> None:
-            if window is not None:
-                while received[r] < b - window:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"aggregator exited {proc.returncode}")
-                    drain(50)
+            while must_wait(r, b):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"aggregator exited {proc.returncode}")
+                drain(50)
             sockets[r].send(batches[r][b])
 
         rss_before = proc_rss(proc.pid)["VmRSS"]
