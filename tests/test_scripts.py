@@ -62,3 +62,29 @@ def test_bench_quick_measures_every_target(tmp_path):
     text = table.read_text()
     for target in range(1, 10):
         assert f"| {target} |" in text, f"target {target} missing from the table"
+
+
+def _capacity(**arguments):
+    """The benchmark's load generator against a real aggregator process: its result."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench_lib.loadgen", "capacity", json.dumps(arguments)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.join(ROOT, "scripts"),
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return json.loads(result.stdout.rsplit("@@RESULT ", 1)[1])
+
+
+def test_load_generator_holds_each_rank_to_a_clients_in_flight_bound():
+    # 2 ranks x 50 batches of about 220 bytes: a byte bound of 1 lets one batch at a time go, so
+    # every batch after a rank's first waits for an acknowledgement; a client's 16 MiB holds none.
+    sizes = {"ranks": 2, "tags": 10, "steps": 50, "steps_per_batch": 1}
+    bound = _capacity(**sizes, max_in_flight_bytes=1)
+    unbound = _capacity(**sizes)
+    for result in bound, unbound:
+        assert result["check"] == {"written": 500, "expected": 500, "wrong": 0, "in_sub_runs": 0}
+    assert bound["batches_held_back"] > 0
+    assert unbound["batches_held_back"] == 0

@@ -210,7 +210,12 @@ def capacity(
             in_flight = sent_before[r][b + 1] - sent_before[r][received[r]]
             return received[r] < b and in_flight > max_in_flight_bytes
 
+        held_back = 0
+
         def send(r: int, b: int) -> None:
+            nonlocal held_back
+            if must_wait(r, b):
+                held_back += 1
             while must_wait(r, b):
                 if proc.poll() is not None:
                     raise RuntimeError(f"aggregator exited {proc.returncode}")
@@ -250,6 +255,7 @@ def capacity(
             "rss_peak_mib": rss["VmHWM"],
             "messages": nbatches * ranks,
             "bytes": sum(len(b) for per_rank in batches for b in per_rank),
+            "batches_held_back": held_back,
         }
         stop_aggregator(proc)
         if check:
