@@ -79,12 +79,12 @@ def _capacity(**arguments):
 
 
 def test_load_generator_holds_each_rank_to_a_clients_in_flight_bound():
-    # 2 ranks x 50 batches of about 220 bytes: a byte bound of 1 lets one batch at a time go, so
-    # every batch after a rank's first waits for an acknowledgement; a client's 16 MiB holds none.
+    # 2 ranks x 50 batches of about 220 bytes: a byte bound of 1 lets a rank have one batch at a
+    # time in flight, so its next waits for an acknowledgement; a client's default holds none back.
     sizes = {"ranks": 2, "tags": 10, "steps": 50, "steps_per_batch": 1}
-    bound = _capacity(**sizes, max_in_flight_bytes=1)
-    unbound = _capacity(**sizes)
-    for result in bound, unbound:
+    one_at_a_time = _capacity(**sizes, max_in_flight_bytes=1)
+    default = _capacity(**sizes)
+    for result in one_at_a_time, default:
         assert result["check"] == {"written": 500, "expected": 500, "wrong": 0, "in_sub_runs": 0}
-    assert bound["batches_held_back"] > 0
-    assert unbound["batches_held_back"] == 0
+    assert one_at_a_time["batches_held_back"] > 0
+    assert default["batches_held_back"] == 0

@@ -148,7 +148,7 @@ def capacity(
     steps_per_batch: int,
     lag: bool = False,
     window: int | None = None,
-    max_in_flight_bytes: int = 16 << 20,
+    max_in_flight_bytes: int | None = None,
     check: bool = True,
     timeout: float = 600,
 ) -> dict[str, Any]:
@@ -158,8 +158,8 @@ def capacity(
     own, so the aggregator must hold every step until then (the memory case). ``window``: a rank
     sends batch ``b`` only once the aggregator acknowledged receiving batch ``b - window``, so
     batches do not pile up in ZeroMQ's queues (None: as fast as the socket takes them).
-    ``max_in_flight_bytes`` bounds each rank as a client's option of that name does (and with
-    its default): a batch waits while the ones sent before it and not yet acknowledged as
+    ``max_in_flight_bytes`` bounds each rank as a client's option of that name does (None: the
+    client's default): a batch waits while the ones sent before it and not yet acknowledged as
     received, with it, would be more bytes than that.
     """
     logdir = tempfile.mkdtemp(prefix="bench-agg-")
@@ -175,6 +175,10 @@ def capacity(
             batches.append(encoded)
             total += values
         nbatches = len(batches[0])
+        if max_in_flight_bytes is None:
+            from distsum._client import ClientOptions
+
+            max_in_flight_bytes = ClientOptions().max_in_flight_bytes
         # sent_before[r][b]: the bytes of rank r's batches before batch b.
         sent_before = [np.cumsum([0, *map(len, per_rank)]) for per_rank in batches]
         poller = zmq.Poller()
@@ -216,10 +220,10 @@ def capacity(
             nonlocal held_back
             if must_wait(r, b):
                 held_back += 1
-            while must_wait(r, b):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"aggregator exited {proc.returncode}")
-                drain(50)
+                while must_wait(r, b):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"aggregator exited {proc.returncode}")
+                    drain(50)
             sockets[r].send(batches[r][b])
 
         rss_before = proc_rss(proc.pid)["VmRSS"]
