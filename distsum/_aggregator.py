@@ -265,6 +265,13 @@ class Aggregator:
                         self._runs[stream.run].journal.forget(rank, stream_id)
                 self._sync_now = True
                 self._sync(time.monotonic())
+            else:
+                unsent = sum(
+                    stream.acked != (stream.received, stream.durable) for stream in self._streams.values()
+                )
+                log.info(
+                    "exiting with %d connections open and %d ranks' last acks not sent", self._peers, unsent
+                )
             for name, run in self._runs.items():
                 if run.pending:
                     count = sum(len(entries) for entries in run.pending.values())
@@ -388,6 +395,7 @@ class Aggregator:
             stream.finished = True
             run.active -= 1
             run.merger.rank_left(origin.rank)
+            log.info("rank %d of run %r finished (batch %d)", origin.rank, origin.run or ".", batch.seq)
 
     def _serves(self, name: str) -> bool:
         """Whether this aggregator writes the run ``name``: a job must not write into another

@@ -256,6 +256,7 @@ class Client:
         )
         self._received = 0
         self._durable = 0
+        self._last_ack: float | None = None  # time.monotonic() of the last one
         self.world_size = world_size
         self._cond = threading.Condition()
         # A byte in this pipe wakes the sender from its poll (a flush, close, a copy that found no
@@ -403,11 +404,14 @@ class Client:
         """Send everything, wait (bounded) until it is durable, and close the socket."""
         if self._closed or self.forked_away:
             return True
+        start = time.monotonic()
         ok = self.flush(timeout, finish=True)
         self._closed = True
         self._stop = True
         self._wake()
         self._thread.join()
+        if not ok:
+            self._warn_unconfirmed(time.monotonic() - start)
         self._socket.close(linger=0)
         self._context.term()
         with self._wake_lock:
@@ -416,6 +420,22 @@ class Client:
             self._wake_write = -1
         self._unacked.close()
         return ok
+
+    def _warn_unconfirmed(self, waited: float) -> None:
+        last = self._last_ack
+        heard = "never heard from" if last is None else f"last heard from {time.monotonic() - last:.1f} s ago"
+        log.warning(
+            "distsum: rank %d stopped waiting after %.1f s: the aggregator at %s (%s) has not "
+            "confirmed %d records as written (of batches 1 to %d, received up to %d, written up to %d)",
+            self._origin.rank,
+            waited,
+            self.addr,
+            heard,
+            self._unacked.records,
+            self._seq,
+            self._received,
+            self._durable,
+        )
 
     # --- sender thread --------------------------------------------------------------------------
 
@@ -746,6 +766,7 @@ class Client:
                 continue
             if ack.stream != self._origin.stream:
                 continue
+            self._last_ack = time.monotonic()
             with self._cond:
                 if ack.received > self._received or ack.durable > self._durable:
                     progress = True

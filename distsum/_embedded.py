@@ -97,6 +97,11 @@ class EmbeddedAggregator:
         self._watcher.join(timeout)
         if not self._watcher.is_alive():
             return True
+        log.warning(
+            "distsum: the embedded aggregator has not finished within finish()'s time; stopping it "
+            "(it writes out what it holds first; its log: %s)",
+            os.path.join(self.run_dir, "distsum-aggregator.log"),
+        )
         with self._lock:  # not while the watcher starts a new one
             self._stopping.set()
             self._process.terminate()

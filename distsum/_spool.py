@@ -74,6 +74,13 @@ class Retained:
     def __bool__(self) -> bool:
         return bool(self._memory or self._segments)
 
+    @property
+    def records(self) -> int:
+        """How many records the batches held carry."""
+        return sum(count for _, count in self._memory.values()) + sum(
+            count for segment in self._segments for _, _, count in segment.batches.values()
+        )
+
     def first(self) -> int | None:
         """The lowest sequence number still held."""
         if self._segments:

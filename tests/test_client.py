@@ -393,6 +393,29 @@ def test_what_is_on_its_way_to_a_stalled_aggregator_stays_within_the_window(tmp_
     assert acc_scalars(acc, "x19") == [(s, float(s)) for s in range(300)]
 
 
+def test_a_finish_that_times_out_says_what_the_aggregator_has_not_confirmed(tmp_path, caplog):
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
+    try:
+        distsum.init(3, 4, addr=addr, run="job")
+        distsum.scalar("x", 1.0, 0)
+        assert distsum.flush(30)
+        proc.send_signal(signal.SIGSTOP)
+        for step in range(1, 8):
+            distsum.scalar("x", 1.0, step)
+        with caplog.at_level("WARNING", logger="distsum"):
+            assert not distsum.finish(0.5)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        distsum.finish(5)
+        assert stop_daemon(proc)[0] == 0
+    (warning,) = [r.getMessage() for r in caplog.records if "stopped waiting" in r.getMessage()]
+    assert warning.startswith("distsum: rank 3 stopped waiting after 0.5 s: the aggregator at " + addr)
+    # The first scalar was received, not yet written: the aggregator waits for the other ranks.
+    assert "has not confirmed 8 records as written" in warning
+    assert "s ago)" in warning and "never" not in warning
+
+
 def test_a_scalar_is_stamped_when_logged_unless_a_wall_time_is_given(tmp_path):
     # distsum.scalar's rows are stamped by the sender in its next round (within about 10 ms of the
     # call); a SummaryWriter's walltime= is kept exactly.

@@ -53,6 +53,18 @@ def worker(rank: int, logdir: str, errors) -> None:
         raise
 
 
+def failures(errors, logdir: str) -> str:
+    """Every rank's error, and the embedded aggregator's log: what a failed job has to say."""
+    lines = []
+    while not errors.empty():
+        lines.append(errors.get())
+    log = os.path.join(logdir, "distsum-aggregator.log")
+    if os.path.exists(log):
+        with open(log) as f:
+            lines.append(f"{log}:\n{f.read()}")
+    return "\n".join(lines)
+
+
 def test_four_ranks_with_the_embedded_aggregator(tmp_path):
     logdir = str(tmp_path / "run")
     ctx = multiprocessing.get_context("spawn")
@@ -66,7 +78,7 @@ def test_four_ranks_with_the_embedded_aggregator(tmp_path):
         if p.is_alive():
             p.kill()
             p.join()
-    assert errors.empty(), errors.get()
+    assert errors.empty(), failures(errors, logdir)
     assert all(p.exitcode == 0 for p in procs)
 
     acc = accumulate(logdir)
@@ -149,7 +161,7 @@ def test_a_slow_rank_does_not_stall_the_others_and_loses_nothing(tmp_path):
         p.start()
     for p in procs:
         p.join(120)
-    assert errors.empty(), errors.get()
+    assert errors.empty(), failures(errors, logdir)
     acc = accumulate(logdir)
     loss = acc_scalars(acc, "loss")
     # Every step once, in order, written without the slow rank: mean of ranks 0 and 1 where
