@@ -482,6 +482,37 @@ def test_many_small_batches_give_the_same_result() -> None:
     assert got["rank_2", "x"] == {step: values[2] for step, values in expected.items()}
 
 
+@pytest.mark.parametrize(("batches", "steps_per_batch"), [(200, 2), (1100, 30)])
+def test_the_last_value_wins_however_many_batches_a_lagging_rank_holds_back(
+    batches: int, steps_per_batch: int
+) -> None:
+    # Rank 1 sends nothing until the end, so all of rank 0's batches are held, through takes and
+    # the merger's consolidations of what it holds. Each batch logs its steps again from the
+    # middle of the one before, half of them backwards: the later batch's value wins.
+    m = merger()
+    tags = [m.series("", f"t{i}", SCALAR, (MAX,)) for i in range(10)]
+    m.set_world_size(2)
+    m.rank_joined(1)
+    rng = np.random.default_rng(batches)
+    expected: dict[tuple[int, int], float] = {}
+    first = 0
+    for b in range(batches):
+        steps = list(range(first, first + steps_per_batch))
+        if b % 2:
+            steps.reverse()
+        records = [(series, step, float(rng.integers(1000))) for step in steps for series in tags]
+        log(m, 0, records)
+        expected.update({(series, step): value for series, step, value in records})
+        first += max(1, steps_per_batch // 2)
+        if b % 100 == 0:
+            assert m.take_ready() == []
+    log(m, 1, [(series, step, -1.0) for series, step in expected])
+    got = flatten(m.take_all())
+    assert {
+        (tags[int(tag[1:])], step): value for (_, tag), by in got.items() for step, value in by.items()
+    } == (expected)
+
+
 def test_world_size_can_be_learnt_and_changed_later() -> None:
     m = merger()
     x = m.series("", "x", SCALAR)
