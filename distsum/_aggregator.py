@@ -52,6 +52,10 @@ log = logging.getLogger("distsum.aggregator")
 
 # Seconds without a new rank before a restarted embedded aggregator takes the job as done.
 _QUIET_AFTER_RESTART = 3.0
+# Seconds a done embedded aggregator waits for the ranks to hang up with their last acks, and a
+# stopped aggregator (whose ranks resend to the next one) for a moment.
+_HANG_UP_WAIT_DONE = 10.0
+_HANG_UP_WAIT_STOPPED = 0.5
 
 _HEALTH_TAGS = tuple(
     f"distsum/{name}"
@@ -228,6 +232,7 @@ class Aggregator:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        done = False
         try:
             while not self._stop.is_set():
                 for socket, _ in poller.poll(50):
@@ -242,15 +247,18 @@ class Aggregator:
                 self._acknowledge()
                 self._status(now)
                 if self._done(now):
+                    done = True
                     break
         finally:
             self._write(take_all=True)
             self._sync_now = True
             self._sync(time.monotonic())
             self._acknowledge()
-            # Keep answering until every rank has hung up (it does once it has its last ack), for
-            # at most a moment: a rank drops the acks it has not read when its peer goes away.
-            deadline = time.monotonic() + 0.5
+            # Keep answering until every rank has hung up, which it does once it has read its last
+            # ack: a rank's socket drops the acks it has not read when its peer goes away. Once the
+            # job is done no aggregator would answer a resend, so a slow rank is waited for (a
+            # loaded machine can keep it from reading for a while); when stopped, for a moment.
+            deadline = time.monotonic() + (_HANG_UP_WAIT_DONE if done else _HANG_UP_WAIT_STOPPED)
             while (self._unacknowledged() or self._peers) and time.monotonic() < deadline:
                 for socket, _ in poller.poll(10):
                     if socket is self._socket:

@@ -89,13 +89,17 @@ def scalar_batch(
 
 
 @contextlib.contextmanager
-def dealers(addr: str, n: int) -> Iterator[list[zmq.Socket]]:
-    """``n`` DEALER sockets connected to ``addr``, each a rank played by the test; closed after."""
+def dealers(addr: str, n: int, *, immediate: bool = False) -> Iterator[list[zmq.Socket]]:
+    """``n`` DEALER sockets connected to ``addr``, each a rank played by the test; closed after.
+
+    ``immediate``: ZMQ_IMMEDIATE, as the client sets it (which also makes a socket drop what it
+    has not read when its peer hangs up)."""
     context = zmq.Context()
     socks = [context.socket(zmq.DEALER) for _ in range(n)]
     try:
         for sock in socks:
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, int(immediate))
             sock.connect(addr)
         yield socks
     finally:

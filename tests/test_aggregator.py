@@ -195,6 +195,25 @@ def test_a_rank_that_finished_first_is_durable_as_soon_as_its_last_steps_are_wri
     assert acc_scalars(accumulate(tmp_path / "job"), "x") == [*((s, 3.0) for s in range(5)), (5, 1.0)]
 
 
+def test_the_last_rank_to_finish_gets_its_last_ack_however_late_it_reads_it(tmp_path):
+    # Once the last rank has finished, the embedded aggregator is done. The rank's socket drops an
+    # ack it has not read when the aggregator hangs up, and no aggregator would answer a resend:
+    # the aggregator waits for the rank to hang up, which it does once it has read the ack.
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc, _ = start_daemon(tmp_path / "run", "--bind", addr, "--embedded", "--world-size", "1")
+    try:
+        with dealers(addr, 1, immediate=True) as (sock,):
+            sock.send(scalar_batch("", 0, 1, 7, 1, range(3), 1.0, finish=True))
+            time.sleep(2)  # busy elsewhere: a loaded machine, or a slow training process
+            wait_for_durable_ack(sock, 7, 1, timeout=10)
+        # Hung up: the aggregator exits at once.
+        assert proc.wait(timeout=30) == 0
+    finally:
+        code, err = stop_daemon(proc)
+    assert code == 0, err
+    assert acc_scalars(accumulate(tmp_path / "run"), "x") == [(s, 1.0) for s in range(3)]
+
+
 def test_status_line_on_a_terminal(tmp_path):
     import pty
     import select
