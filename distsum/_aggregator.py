@@ -486,7 +486,7 @@ class Aggregator:
             )
             if went_late is not None:
                 late.scalars.extend(went_late.tolist())
-            lo, hi = int(scalars.steps.min()), int(scalars.steps.max())
+            lo, hi = int(np.minimum.reduce(scalars.steps)), int(np.maximum.reduce(scalars.steps))
             steps.update((lo,) if lo == hi else distinct_steps(scalars.steps)[0].tolist())
 
         histogram_replay = _replay_flags(fate, "histograms", len(histograms))

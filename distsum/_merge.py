@@ -144,9 +144,10 @@ _RANK_LEAF = re.compile(r"rank_(?:0|[1-9][0-9]*)")
 # per held value when ranks send many small batches.
 _CONSOLIDATE_AFTER = 64
 _TEXT_SEPARATOR = "\n\n---\n\n"
-# The ufuncs' own reductions: ndarray.min/max add a Python-level wrapper to every call.
+# The ufuncs' own reductions: ndarray.min/max and np.all add a Python-level wrapper to every call.
 _min = np.minimum.reduce
 _max = np.maximum.reduce
+_all = np.logical_and.reduce
 
 
 def _join(subrun: str, leaf: str) -> str:
@@ -279,11 +280,18 @@ def _concat(chunks: list[_Chunk], *, ordered: bool = False) -> _Chunk:
 def distinct_steps(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct steps, ascending, and how many times each occurs.
 
-    A batch's steps usually come in order, and then no sort is needed.
+    A batch's steps usually come in order, a run of records per step: then only the records
+    where the step changes are compared, and no sort is needed.
     """
-    if steps.size and bool(np.all(steps[1:] >= steps[:-1])):
-        starts = np.flatnonzero(np.concatenate(([True], steps[1:] != steps[:-1])))
-        return steps[starts], np.diff(np.append(starts, steps.size))
+    n = steps.size
+    if n:
+        ends = np.flatnonzero(steps[1:] != steps[:-1])
+        nexts = ends + 1
+        if _all(steps.take(nexts) > steps.take(ends)):
+            bounds = np.empty(ends.size + 2, dtype=np.intp)
+            bounds[0], bounds[-1] = 0, n
+            bounds[1:-1] = nexts
+            return steps.take(bounds[:-1]), bounds[1:] - bounds[:-1]
     return np.unique(steps, return_counts=True)
 
 
@@ -772,7 +780,7 @@ class RunMerger:
         if n != len(behind) or index is not None:
             lo, hi = int(_min(steps)), int(_max(steps))
         # A batch's records usually come step by step, so most chunks are ordered as they are.
-        ordered = lo == hi or bool(np.all(steps[1:] >= steps[:-1]))
+        ordered = lo == hi or bool(_all(steps[1:] >= steps[:-1]))
         self._chunks.append(
             _Chunk(self._rank_column(rank, n), series, steps, values, wall_times, lo, hi, ordered)
         )

@@ -230,7 +230,7 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
             raise WireError("bad scalars", "wall time counts that are 0 or do not add up to the records")
     elif lengths[0]:
         raise WireError("bad scalars", "records without wall times")
-    if batch.scalar_steps and int(np.frombuffer(batch.scalar_steps, dtype="<i8").min()) < 0:
+    if batch.scalar_steps and int(np.minimum.reduce(np.frombuffer(batch.scalar_steps, dtype="<i8"))) < 0:
         raise WireError("bad scalars", "negative step")
     for records in (batch.histograms, batch.images, batch.texts):
         for record in records:
@@ -261,9 +261,9 @@ def check_records(batch: wire_pb2.Batch, kinds: np.ndarray) -> None:
     """Check that a batch's records name series of its table, of their kind (``kinds``, by index)."""
     if batch.scalar_series:
         series = np.frombuffer(batch.scalar_series, dtype="<u4")
-        if int(series.max()) >= kinds.size:
+        if int(np.maximum.reduce(series)) >= kinds.size:
             raise WireError("bad scalars", "series index out of range")
-        if not np.all(kinds[series] == wire_pb2.SCALAR):
+        if not np.logical_and.reduce(kinds.take(series) == wire_pb2.SCALAR):
             raise WireError("bad scalars", "series of another kind")
     for records, kind in (
         (batch.histograms, wire_pb2.HISTOGRAM),
