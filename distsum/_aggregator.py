@@ -274,11 +274,10 @@ class Aggregator:
                 self._sync_now = True
                 self._sync(time.monotonic())
             else:
-                unsent = sum(
-                    stream.acked != (stream.received, stream.durable) for stream in self._streams.values()
-                )
                 log.info(
-                    "exiting with %d connections open and %d ranks' last acks not sent", self._peers, unsent
+                    "exiting with %d connections open and %d ranks' last acks not sent",
+                    self._peers,
+                    self._unacknowledged(),
                 )
             for name, run in self._runs.items():
                 if run.pending:
@@ -754,8 +753,9 @@ class Aggregator:
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._peers = max(0, self._peers - 1)
 
-    def _unacknowledged(self) -> bool:
-        return any(stream.acked != (stream.received, stream.durable) for stream in self._streams.values())
+    def _unacknowledged(self) -> int:
+        """How many streams have an acknowledgement to send."""
+        return sum(stream.acked != (stream.received, stream.durable) for stream in self._streams.values())
 
     def _acknowledge(self) -> None:
         for (run, _rank, stream_id), stream in self._streams.items():
