@@ -426,7 +426,8 @@ def finish(timeout: float | None = 30.0) -> bool:
     """Flush, wait (at most ``timeout``) until it is written, and disconnect. Safe to call twice.
 
     On rank 0 with the embedded aggregator, also waits (within the same timeout) for the
-    aggregator to finish writing the other ranks' records.
+    aggregator to finish writing the other ranks' records. False if that did not happen in time;
+    a warning then says what the aggregator had not confirmed as written.
     """
     global _state, _rows, _row_limit
     with _lock:
