@@ -12,6 +12,7 @@ import pytest
 
 import distsum
 from distsum._histogram import Histogram
+from tests.jobs import failures
 from tests.tbreaders import (
     acc_histograms,
     acc_images,
@@ -51,18 +52,6 @@ def worker(rank: int, logdir: str, errors) -> None:
     except BaseException as e:
         errors.put(f"rank {rank}: {e!r}")
         raise
-
-
-def failures(errors, logdir: str) -> str:
-    """Every rank's error, and the embedded aggregator's log: what a failed job has to say."""
-    lines = []
-    while not errors.empty():
-        lines.append(errors.get())
-    log = os.path.join(logdir, "distsum-aggregator.log")
-    if os.path.exists(log):
-        with open(log) as f:
-            lines.append(f"{log}:\n{f.read()}")
-    return "\n".join(lines)
 
 
 def test_four_ranks_with_the_embedded_aggregator(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import distsum
+from tests.jobs import failures
 from tests.tbreaders import acc_scalars, accumulate, event_files, read_events, tbparse_read
 
 WORLD = 3
@@ -95,7 +96,7 @@ def test_the_aggregator_killed_at_random_moments_loses_and_repeats_nothing(tmp_p
             if p.is_alive():
                 p.kill()
                 p.join()
-    assert errors.empty(), errors.get()
+    assert errors.empty(), failures(errors, logdir)
     assert [p.exitcode for p in procs] == [0] * WORLD
     assert kills >= 1, f"seed {seed}: the job ended before any kill"
     with open(os.path.join(logdir, "distsum-aggregator.log")) as f:
@@ -165,7 +166,7 @@ def test_a_killed_rank_stalls_nothing_keeps_what_it_delivered_and_rejoins(tmp_pa
             if p.is_alive():
                 p.kill()
                 p.join()
-    assert errors.empty(), errors.get()
+    assert errors.empty(), failures(errors, logdir)
     assert [p.exitcode for p in procs] == [0, 0, -signal.SIGKILL, 0]
 
     assert_each_tag_step_once(logdir)
