@@ -508,9 +508,10 @@ def test_the_last_value_wins_however_many_batches_a_lagging_rank_holds_back(
             assert m.take_ready() == []
     log(m, 1, [(series, step, -1.0) for series, step in expected])
     got = flatten(m.take_all())
-    assert {
+    written = {
         (tags[int(tag[1:])], step): value for (_, tag), by in got.items() for step, value in by.items()
-    } == (expected)
+    }
+    assert written == expected
 
 
 def test_world_size_can_be_learnt_and_changed_later() -> None:
