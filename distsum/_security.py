@@ -15,12 +15,15 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from distsum._errors import DistsumError
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = ["ClientKeys", "ServerKeys", "generate", "is_local", "require_curve"]
 
@@ -84,6 +87,10 @@ class ServerKeys:
         public, secret = _load(self.secret_file, "aggregator's secret key", secret=True)
         if not os.path.isdir(self.clients_dir):
             raise ValueError(f"allowed client keys: {self.clients_dir!r} is not a directory")
+        # Imported here: it brings in asyncio, tens of milliseconds that every rank and every
+        # aggregator without keys would otherwise pay at import.
+        from zmq.auth.thread import ThreadAuthenticator
+
         auth = ThreadAuthenticator(context)
         auth.start()
         auth.configure_curve(domain="*", location=self.clients_dir)
