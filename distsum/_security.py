@@ -87,8 +87,8 @@ class ServerKeys:
         public, secret = _load(self.secret_file, "aggregator's secret key", secret=True)
         if not os.path.isdir(self.clients_dir):
             raise ValueError(f"allowed client keys: {self.clients_dir!r} is not a directory")
-        # Imported here: it brings in asyncio, tens of milliseconds that every rank and every
-        # aggregator without keys would otherwise pay at import.
+        # Imported here: it brings in asyncio, tens of milliseconds that every rank would
+        # otherwise pay at import.
         from zmq.auth.thread import ThreadAuthenticator
 
         auth = ThreadAuthenticator(context)
