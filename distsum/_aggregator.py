@@ -56,6 +56,13 @@ _QUIET_AFTER_RESTART = 3.0
 # stopped aggregator (whose ranks resend to the next one) for a moment.
 _HANG_UP_WAIT_DONE = 10.0
 _HANG_UP_WAIT_STOPPED = 0.5
+# A round takes in at most this many messages, or bytes of them, before it writes what is ready
+# and acknowledges: ranks sending faster than the aggregator merges see their batches received a
+# round at a time, and what waits stays in the socket's queue rather than in the merger, whose
+# work grows with what it holds (a flood of 200 KiB batches went 1.5-2x faster than with rounds
+# bounded by the message count alone).
+_ROUND_MESSAGES = 1000
+_ROUND_BYTES = 8 << 20
 
 _HEALTH_TAGS = tuple(
     f"distsum/{name}"
@@ -293,7 +300,8 @@ class Aggregator:
     # --- input ---------------------------------------------------------------------------------
 
     def _receive_all(self) -> None:
-        for _ in range(1000):
+        budget = _ROUND_BYTES
+        for _ in range(_ROUND_MESSAGES):
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -302,6 +310,9 @@ class Aggregator:
                 self._malformed("bad framing", frames[0], f"{len(frames) - 1} frames, expected 1")
                 continue
             self._handle(frames[0], frames[1])
+            budget -= len(frames[1])
+            if budget <= 0:
+                break
 
     def _malformed(self, cause: str, identity: bytes, detail: str) -> None:
         if not self.malformed[cause]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import random
@@ -15,10 +16,11 @@ import pytest
 import zmq
 
 import distsum
+from distsum._aggregator import _ROUND_BYTES
 from distsum._proto import wire_pb2
-from distsum._wire import decode_ack, encode_batch
+from distsum._wire import decode_ack, encode_batch, encode_series_table, set_scalar_columns
 from tests.daemon import dealers, scalar_batch, start_daemon, stop_daemon, wait_for_durable_ack
-from tests.tbreaders import acc_scalars, accumulate, poll_until
+from tests.tbreaders import acc_scalars, accumulate, poll_until, read_events
 
 
 def job(rank: int, addr: str, run: str, offset: float, errors) -> None:
@@ -212,6 +214,51 @@ def test_the_last_rank_to_finish_gets_its_last_ack_however_late_it_reads_it(tmp_
         code, err = stop_daemon(proc)
     assert code == 0, err
     assert acc_scalars(accumulate(tmp_path / "run"), "x") == [(s, 1.0) for s in range(3)]
+
+
+def test_a_flooded_aggregator_takes_in_a_bounded_round_then_writes_and_acknowledges(tmp_path):
+    # A rank sends faster than the aggregator merges. Each round takes in at most _ROUND_BYTES
+    # of batches before writing and acknowledging them, so the rank sees its batches received a
+    # round at a time (its in-flight bound waits on that) rather than once the flood is over.
+    tags, steps_per_batch, batches = 1000, 20, 60
+    table = encode_series_table([("", f"t{j}", wire_pb2.SCALAR, [wire_pb2.MEAN], 0) for j in range(tags)])
+    frames = []
+    for seq in range(1, batches + 1):
+        b = wire_pb2.Batch(seq=seq, series_table=table, finish=seq == batches)
+        b.origin.run, b.origin.world_size, b.origin.stream = "job", 1, 9
+        steps = np.repeat(np.arange((seq - 1) * steps_per_batch, seq * steps_per_batch), tags)
+        series = np.tile(np.arange(tags), steps_per_batch)
+        set_scalar_columns(b, series, steps, steps + series / tags, np.full(steps.size, 1.0))
+        frames.append(encode_batch(b))
+    per_round = math.ceil(_ROUND_BYTES / len(frames[0]))
+    assert batches > 2 * per_round
+    proc, addr = start_daemon(tmp_path, "--world-size", "1")
+    try:
+        with dealers(addr, 1) as (sock,):
+            for frame in frames:
+                sock.send(frame)
+            received, durable = [0], 0
+            while durable < batches:
+                assert sock.poll(60_000), f"no acknowledgement after batch {received[-1]}"
+                ack = decode_ack(sock.recv())
+                if ack.received > received[-1]:
+                    received.append(ack.received)
+                durable = ack.durable
+    finally:
+        code, err = stop_daemon(proc)
+    assert code == 0, err
+    jumps = np.diff(received)
+    assert jumps.max() <= per_round, f"batches acknowledged per round: {jumps.tolist()}"
+    got = [
+        (e.step, v.tag, v.simple_value)
+        for e in read_events(tmp_path / "job")
+        for v in e.summary.value
+        if not v.tag.startswith("distsum/")
+    ]
+    expected = [
+        (s, f"t{j}", np.float32(s + j / tags)) for s in range(batches * steps_per_batch) for j in range(tags)
+    ]
+    assert got == expected
 
 
 def test_status_line_on_a_terminal(tmp_path):
