@@ -13,6 +13,7 @@ it listens on, and on SIGINT or SIGTERM writes out everything it holds and exits
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -22,6 +23,27 @@ from distsum._errors import DistsumError
 from distsum._security import ServerKeys
 
 __all__ = ["main"]
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory of large arrays for reuse; whether it could.
+
+    The merger's arrays are megabytes each and short-lived. By default glibc maps each one afresh
+    and unmaps it when freed, or trims the heap's top once tens of megabytes are free there, so
+    every round faults its pages in again (several microseconds a page on a VM). Kept, they cost
+    the aggregator at most the trim threshold over what it holds.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -67,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--curve-secret and --curve-clients go together")
     keys = ServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     logging.basicConfig(level=logging.INFO, format="distsum-aggregator: %(message)s")
+    keep_freed_memory()
     try:
         aggregator = Aggregator(
             AggregatorOptions(

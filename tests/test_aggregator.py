@@ -261,6 +261,32 @@ def test_a_flooded_aggregator_takes_in_a_bounded_round_then_writes_and_acknowled
     assert got == expected
 
 
+KEEPS_FREED_MEMORY = """
+import resource
+import numpy as np
+from distsum.aggregator import keep_freed_memory
+
+assert keep_freed_memory()
+for round in range(5):
+    if round == 1:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones(1 << 20) for _ in range(5)]  # 40 MiB in 8 MiB arrays, as a merge round
+    del arrays
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_aggregator_process_reuses_the_memory_of_its_large_arrays():
+    # Arrays freed by one round are reused by the next instead of being given back to the system
+    # and faulted in again page by page (glibc's defaults fault in about a fifth of them here).
+    out = subprocess.run(
+        [sys.executable, "-c", KEEPS_FREED_MEMORY], capture_output=True, text=True, check=True
+    )
+    pages = 4 * 5 * (8 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert int(out.stdout) < pages // 100
+
+
 def test_status_line_on_a_terminal(tmp_path):
     import pty
     import select
