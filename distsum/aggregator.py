@@ -30,7 +30,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def keep_freed_memory() -> bool:
+def _keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory of large arrays for reuse; whether it could.
 
     The merger's arrays are megabytes each and short-lived. By default glibc maps each one afresh
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--curve-secret and --curve-clients go together")
     keys = ServerKeys(args.curve_secret, args.curve_clients) if args.curve_secret else None
     logging.basicConfig(level=logging.INFO, format="distsum-aggregator: %(message)s")
-    keep_freed_memory()
+    _keep_freed_memory()
     try:
         aggregator = Aggregator(
             AggregatorOptions(

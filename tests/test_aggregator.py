@@ -264,9 +264,9 @@ def test_a_flooded_aggregator_takes_in_a_bounded_round_then_writes_and_acknowled
 KEEPS_FREED_MEMORY = """
 import resource
 import numpy as np
-from distsum.aggregator import keep_freed_memory
+from distsum.aggregator import _keep_freed_memory
 
-assert keep_freed_memory()
+assert _keep_freed_memory()
 for round in range(5):
     if round == 1:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
