@@ -1,7 +1,7 @@
 """Where the time goes: py-spy over the scenarios where distsum misses a target.
 
     .venv/bin/pip install py-spy
-    PYTHONPATH=scripts .venv/bin/python -m bench_lib.profile [scalar|histogram|image|e2e|aggregator ...]
+    PYTHONPATH=scripts .venv/bin/python -m bench_lib.profile [SCENARIO ...]  # SCENARIOS, breakdown
 
 Each scenario runs under ``py-spy record --subprocesses --threads`` (so the sender thread and the
 aggregator process are sampled too) and is summarised per process and thread: the functions
@@ -26,6 +26,12 @@ SCENARIOS = {
     "histogram": ("calls", "histogram", {"lib": "distsum", "size": 1_000_000, "calls": 30, "repeats": 3}),
     "image": ("calls", "image", {"lib": "distsum", "calls": 30, "repeats": 3}),
     "aggregator": (
+        "loadgen",
+        "capacity",
+        # Batches as a client sends them at target 5's rate; then 62 times smaller ones.
+        {"ranks": 8, "tags": 100, "steps": 10000, "steps_per_batch": 625, "check": False},
+    ),
+    "aggregator_small_batches": (
         "loadgen",
         "capacity",
         {"ranks": 8, "tags": 100, "steps": 4000, "steps_per_batch": 10, "check": False},
