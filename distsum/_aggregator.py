@@ -491,13 +491,13 @@ class Aggregator:
             if fate is not None:
                 replay = np.full(series.size, REPLAY_MERGED, dtype=np.int8)
                 replay[[i for i in fate.scalars if i < series.size]] = REPLAY_LATE
+            distinct = distinct_steps(scalars.steps)
             went_late = merger.add_scalars(
-                rank, series, scalars.steps, scalars.values, scalars.wall_times, replay
+                rank, series, scalars.steps, scalars.values, scalars.wall_times, replay, distinct
             )
             if went_late is not None:
                 late.scalars.extend(went_late.tolist())
-            lo, hi = int(np.minimum.reduce(scalars.steps)), int(np.maximum.reduce(scalars.steps))
-            steps.update((lo,) if lo == hi else distinct_steps(scalars.steps)[0].tolist())
+            steps.update(distinct[0].tolist())
 
         histogram_replay = _replay_flags(fate, "histograms", len(histograms))
         for i, (h, histogram) in enumerate(zip(batch.histograms, histograms, strict=True)):

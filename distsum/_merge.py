@@ -711,11 +711,13 @@ class RunMerger:
         values: np.ndarray,
         wall_times: np.ndarray,
         replay: np.ndarray | None = None,
+        distinct: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray | None:
         """Scalar records of one batch of ``rank``, as columns; a later duplicate replaces an earlier.
 
         ``replay``: per record, what an earlier aggregator did with it (``REPLAY_MERGED``,
-        ``REPLAY_LATE``, 0), for a resent batch. Returns the indices of the records that went
+        ``REPLAY_LATE``, 0), for a resent batch. ``distinct``: ``distinct_steps(steps)``, when the
+        caller has it already. Returns the indices of the records that went
         late (or were dropped as conflicting), None if none did. The merger keeps the arrays: the
         caller must not modify them afterwards. Raises ValueError if the columns differ in length
         or name an unknown series.
@@ -741,7 +743,10 @@ class RunMerger:
                 f"but only {len(self._series)} are defined"
             )
         now = self._clock()
-        lo, hi = int(_min(steps)), int(_max(steps))
+        if distinct is None:
+            lo, hi = int(_min(steps)), int(_max(steps))
+        else:
+            lo, hi = int(distinct[0][0]), int(distinct[0][-1])
         self._logged(rank, hi)
 
         index = None
@@ -779,6 +784,7 @@ class RunMerger:
             return late
         if n != len(behind) or index is not None:
             lo, hi = int(_min(steps)), int(_max(steps))
+            distinct = None
         # A batch's records usually come step by step, so most chunks are ordered as they are.
         ordered = lo == hi or bool(_all(steps[1:] >= steps[:-1]))
         self._chunks.append(
@@ -790,7 +796,7 @@ class RunMerger:
         if lo == hi:
             self._hold(lo, n, now)
         else:
-            unique, counts = distinct_steps(steps)
+            unique, counts = distinct_steps(steps) if distinct is None else distinct
             for step, count in zip(unique.tolist(), counts.tolist(), strict=True):
                 self._hold(step, count, now)
         return late
