@@ -130,6 +130,7 @@ class _Stream:
 class _Table(NamedTuple):
     ids: np.ndarray
     kinds: np.ndarray
+    scalars_only: bool
 
 
 # Series tables remembered per run; beyond this many, or this many bytes of them, the memory
@@ -347,7 +348,9 @@ class Aggregator:
             if table is None:
                 specs = decode_series_table(batch.series_table)
                 kinds = np.array([spec.kind for spec in specs], dtype=np.int64)
-            check_records(batch, kinds if table is None else table.kinds)
+                check_records(batch, kinds)
+            else:
+                check_records(batch, table.kinds, scalars_only=table.scalars_only)
         except WireError as e:
             self._malformed(e.cause, identity, str(e))
             return
@@ -462,7 +465,7 @@ class Aggregator:
             [run.merger.series(s.subrun, s.tag, s.kind, tuple(s.reduce), s.max_outputs) for s in specs],
             dtype=np.intp,
         )
-        table = _Table(ids, kinds)
+        table = _Table(ids, kinds, bool(np.logical_and.reduce(kinds == wire_pb2.SCALAR)))
         # Remembered up to a bound in bytes: any peer can send distinct tables.
         if len(data) <= _MAX_TABLE_BYTES:
             if run.table_bytes + len(data) > _MAX_TABLE_BYTES or len(run.tables) >= _MAX_TABLES:

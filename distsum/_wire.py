@@ -257,13 +257,17 @@ def decode_batch(frame: bytes) -> wire_pb2.Batch:
     return batch
 
 
-def check_records(batch: wire_pb2.Batch, kinds: np.ndarray) -> None:
-    """Check that a batch's records name series of its table, of their kind (``kinds``, by index)."""
+def check_records(batch: wire_pb2.Batch, kinds: np.ndarray, *, scalars_only: bool = False) -> None:
+    """Check that a batch's records name series of its table, of their kind (``kinds``, by index).
+
+    ``scalars_only``: every series of the table is a scalar one (a caller that keeps the table
+    knows), so that scalar records need only an index in range.
+    """
     if batch.scalar_series:
         series = np.frombuffer(batch.scalar_series, dtype="<u4")
         if int(np.maximum.reduce(series)) >= kinds.size:
             raise WireError("bad scalars", "series index out of range")
-        if not np.logical_and.reduce(kinds.take(series) == wire_pb2.SCALAR):
+        if not scalars_only and not np.logical_and.reduce(kinds.take(series) == wire_pb2.SCALAR):
             raise WireError("bad scalars", "series of another kind")
     for records, kind in (
         (batch.histograms, wire_pb2.HISTOGRAM),

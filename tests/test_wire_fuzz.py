@@ -1924,6 +1924,25 @@ def test_series_tables_sent_do_not_pile_up_in_memory(tmp_path):
     assert growth < 64 * 1024, f"daemon RSS grew by {growth} KiB and stays so"
 
 
+def test_a_known_table_still_refuses_scalars_naming_its_other_kinds(tmp_path):
+    # The daemon checks a series table once and keeps it: the scalars of later batches with that
+    # table are still checked against its kinds (only a table of scalars alone spares that).
+    def draft(seq: int, scalar_is_text: bool, **flags: bool) -> wire_pb2.Batch:
+        d = Draft(seq=seq, flush=True, **flags)
+        d.batch.origin.run, d.batch.origin.stream, d.batch.origin.world_size = "job", 67, 1
+        acc, note = d.add_series("acc", SCALAR, reduce=[MEAN]), d.add_series("note", TEXT)
+        d.scalar(note if scalar_is_text else acc, seq, 0.5 * seq)
+        return d.build()
+
+    with daemon_and_peer(tmp_path) as (_, peer, result):
+        assert peer.sent_and_acked(draft(1, False))
+        peer.send(draft(2, True))  # the same table, seen before
+        assert peer.sent_and_acked(draft(2, False, finish=True), durable=True)
+    assert_clean_exit(result)
+    assert "(bad scalars: series of another kind)" in str(result["stderr"])
+    assert acc_scalars(accumulate(tmp_path / "job"), "acc") == [(1, 0.5), (2, 1.0)]
+
+
 def test_a_refused_batch_defines_no_series(tmp_path):
     bad = Draft(seq=1)
     bad.batch.origin.run, bad.batch.origin.stream = "job", 66
