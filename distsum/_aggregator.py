@@ -63,6 +63,8 @@ _HANG_UP_WAIT_STOPPED = 0.5
 # bounded by the message count alone).
 _ROUND_MESSAGES = 1000
 _ROUND_BYTES = 8 << 20
+# Seconds a round waits for messages before it looks at the clock (timeouts, settled steps).
+_ROUND_WAIT = 0.05
 
 _HEALTH_TAGS = tuple(
     f"distsum/{name}"
@@ -243,7 +245,7 @@ class Aggregator:
         done = False
         try:
             while not self._stop.is_set():
-                for socket, _ in poller.poll(50):
+                for socket, _ in poller.poll(self._poll_ms()):
                     if socket is self._socket:
                         self._receive_all()
                     else:
@@ -297,6 +299,17 @@ class Aggregator:
             if self.address.startswith("ipc://") and not self.address.startswith("ipc://@"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.address[len("ipc://") :])
+
+    def _poll_ms(self) -> int:
+        """How long a round waits for messages: _ROUND_WAIT, or less when a step settles sooner,
+        so that it is written then rather than up to a round later."""
+        wait = _ROUND_WAIT
+        now = time.monotonic()
+        for run in self._runs.values():
+            at = run.merger.settles_at()
+            if at is not None:
+                wait = min(wait, at - now)
+        return max(1, math.ceil(wait * 1000))
 
     # --- input ---------------------------------------------------------------------------------
 

@@ -982,6 +982,17 @@ class RunMerger:
             limit = step
         return limit
 
+    def settles_at(self) -> float | None:
+        """When (by the merger's clock) the lowest open step settles, if it waits only for that:
+        every waited rank has reached it and none has moved past it. None otherwise."""
+        if self._settle is None or self._missing or not self._step_heap:
+            return None
+        first = self._step_heap[0]
+        if first <= self._frontier():
+            return self._clock()  # complete: the next take_ready returns it
+        reached = min((self._progress[r] for r, joined in self._state.items() if joined), default=_AFTER_ALL)
+        return self._open[first].last + self._settle if first <= reached else None
+
     def take_all(self) -> list[MergedStep]:
         """Every open step and late record, as ``take_ready`` would return them (for shutdown)."""
         complete = self._frontier()

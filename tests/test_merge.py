@@ -304,6 +304,37 @@ def test_a_step_every_rank_reached_is_written_once_it_settles() -> None:
     assert m.stats().late == 1
 
 
+def test_the_merger_says_when_its_lowest_step_settles() -> None:
+    # The aggregator wakes then, rather than at its next round.
+    clock = FakeClock()
+    m = merger(clock, settle=2.0)
+    x = m.series("", "x", SCALAR)
+    for r in range(2):
+        m.rank_joined(r)
+    assert m.settles_at() is None  # nothing held
+    log(m, 0, [(x, 0, 1.0), (x, 1, 1.0)])
+    assert m.settles_at() is None  # rank 1 has not reached step 0
+    clock.now = 1.0
+    log(m, 1, [(x, 0, 3.0)])
+    assert m.settles_at() == 3.0
+    clock.now = 2.5
+    log(m, 1, [(x, 0, 4.0)])  # another record at step 0: it settles later
+    assert m.settles_at() == 4.5
+    clock.now = 4.4
+    assert m.take_ready() == []
+    clock.now = 4.5
+    assert steps_of(m.take_ready()) == [0]
+    assert m.settles_at() is None  # step 1: rank 1 has not reached it
+    log(m, 1, [(x, 2, 1.0)])  # both ranks reached step 1, whose record came at 0: overdue
+    assert m.settles_at() == 2.0
+    assert steps_of(m.take_ready()) == [1]
+    log(m, 0, [(x, 3, 1.0)])  # both reached step 2, which had its record at 4.5
+    assert m.settles_at() == 6.5
+    log(m, 1, [(x, 3, 1.0)])  # both moved past step 2: complete, due now
+    assert m.settles_at() == 4.5
+    assert merger(clock).settles_at() is None  # no settle
+
+
 def test_without_settle_a_reached_step_waits_for_the_next_one() -> None:
     clock = FakeClock()
     m = merger(clock, step_timeout=100.0)
