@@ -969,7 +969,7 @@ class RunMerger:
         that, like every open step below it, has had no record for ``settle`` seconds."""
         if self._settle is None or self._missing or not self._step_heap:
             return frontier
-        reached = min((self._progress[r] for r, joined in self._state.items() if joined), default=_AFTER_ALL)
+        reached = self._reached()
         if reached <= frontier:
             return frontier
         quiet = now - self._settle
@@ -982,6 +982,10 @@ class RunMerger:
             limit = step
         return limit
 
+    def _reached(self) -> int:
+        """The lowest step that every waited rank has logged at or beyond."""
+        return min((self._progress[r] for r, joined in self._state.items() if joined), default=_AFTER_ALL)
+
     def settles_at(self) -> float | None:
         """When (by the merger's clock) the lowest open step settles, if it waits only for that:
         every waited rank has reached it and none has moved past it. None otherwise."""
@@ -990,7 +994,7 @@ class RunMerger:
         first = self._step_heap[0]
         if first <= self._frontier():
             return self._clock()  # complete: the next take_ready returns it
-        reached = min((self._progress[r] for r, joined in self._state.items() if joined), default=_AFTER_ALL)
+        reached = self._reached()
         return self._open[first].last + self._settle if first <= reached else None
 
     def take_all(self) -> list[MergedStep]:
