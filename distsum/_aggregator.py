@@ -111,7 +111,7 @@ class AggregatorOptions:
     insecure: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # one object per stream, compared and hashed by identity
 class _Stream:
     run: str
     rank: int
@@ -155,6 +155,8 @@ class _Run:
     # The run's streams, and how many of them have not finished.
     streams: list[_Stream] = field(default_factory=list)
     active: int = 0
+    # Streams that opened steps since the round last looked at their open steps.
+    opened: set[_Stream] = field(default_factory=set)
     # (run path, tag) -> the last step an earlier aggregator wrote there: ranks resend what was
     # not acknowledged as durable when it died, and none of it may be written twice.
     recovered: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -201,6 +203,9 @@ class Aggregator:
         self._peers = 0
         self._runs: dict[str, _Run] = {}
         self._streams: dict[tuple[str, int, int], _Stream] = {}
+        # Streams that may have something new to be told (received or durable changed, or they
+        # missed an ack): the round acknowledges these, not every stream of a thousand-rank job.
+        self._to_ack: dict[tuple[str, int, int], _Stream] = {}
         # Streams forgotten (see _retire): their last batch, all of it durable.
         self._retired: dict[tuple[str, int, int], int] = {}
         self._last_liveness = 0.0
@@ -404,6 +409,7 @@ class Aggregator:
                 )
         stream.identity = identity
         stream.last_seen = time.monotonic()
+        self._to_ack[key] = stream
         stream.dropped = max(stream.dropped, batch.dropped)
         if batch.seq <= stream.received:
             self.duplicates += 1
@@ -554,6 +560,8 @@ class Aggregator:
         )
         for step in steps:
             stream.open_steps.setdefault(step, batch.seq)
+        if steps:
+            run.opened.add(stream)
 
     def _check_liveness(self, now: float) -> None:
         if now - self._last_liveness < 1.0:
@@ -588,9 +596,11 @@ class Aggregator:
                 and now - stream.last_seen > self.options.retire_after
             ):
                 del self._streams[key]
+                self._to_ack.pop(key, None)
                 self._retired[key] = stream.received
                 run = self._runs[stream.run]
                 run.streams.remove(stream)
+                run.opened.discard(stream)
                 # Still in the journal while the run is open: an aggregator started after this
                 # one must know that the rank is done, or it waits for it at every step.
         for name, run in list(self._runs.items()):
@@ -643,6 +653,7 @@ class Aggregator:
                     run.journal.append()
                 except OSError as e:
                     self._disk_error(run.journal.path, e)
+            wrote = False
             for path in list(run.pending) if not run.journal.unwritten else ():
                 # Kept until written: a full disk or a lost directory is retried every round.
                 try:
@@ -653,8 +664,10 @@ class Aggregator:
                     continue
                 self.pending_bytes -= sum(len(event) for _, event in run.pending.pop(path))
                 self._dirty.add(f)
+                wrote = True
             if self.pending_bytes > self.options.max_pending_bytes:
                 self._drop_pending(run)
+                wrote = True
             unwritten = {step for entries in run.pending.values() for step, _ in entries}
             if run.files and not run.active and not unwritten and not run.merger.stats().open_steps:
                 # Every rank of the job finished and all is written: give the descriptors back,
@@ -662,8 +675,10 @@ class Aggregator:
                 self._close_files(run)
             # A stream's records at a step are written once the merger no longer holds the step
             # and nothing of it waits for the disk (records it dropped as late or conflicting
-            # never open a step at all).
-            for stream in run.streams:
+            # never open a step at all). A held step stops being held only when a take returns
+            # it, so every stream's open steps are looked at in a round that took or wrote
+            # something; in other rounds, only those of the streams that opened steps.
+            for stream in run.streams if steps or wrote else run.opened:
                 if stream.open_steps:
                     done = [s for s in stream.open_steps if not run.merger.holds(s) and s not in unwritten]
                     for step in done:
@@ -672,6 +687,7 @@ class Aggregator:
                         # A rank's finish waits for this: its last records waited for other
                         # ranks' and are written now, so fsync now rather than flush_secs later.
                         self._sync_now = True
+            run.opened.clear()
 
     def _not_written_before(self, run: _Run, path: str, step: int, items: list[Item]) -> list[Item]:
         recovered = run.recovered
@@ -724,9 +740,12 @@ class Aggregator:
             self._disk_error("an event file", e)
             return
         self._sync_now, self._last_sync = False, now
-        for (_, rank, stream_id), stream in self._streams.items():
-            stream.durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
-            self._runs[stream.run].journal.durable(rank, stream_id, stream.durable)
+        for key, stream in self._streams.items():
+            durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
+            if durable != stream.durable:
+                stream.durable = durable
+                self._to_ack[key] = stream
+            self._runs[stream.run].journal.durable(key[1], key[2], durable)
         for run in self._runs.values():
             if run.journal.dirty:
                 try:
@@ -782,14 +801,16 @@ class Aggregator:
 
     def _unacknowledged(self) -> int:
         """How many streams have an acknowledgement to send."""
-        return sum(stream.acked != (stream.received, stream.durable) for stream in self._streams.values())
+        return sum(stream.acked != (stream.received, stream.durable) for stream in self._to_ack.values())
 
     def _acknowledge(self) -> None:
-        for (run, _rank, stream_id), stream in self._streams.items():
+        for key, stream in list(self._to_ack.items()):
             if stream.acked != (stream.received, stream.durable):
-                size = self._runs[run].world_size
-                if self._send_ack(stream.identity, stream_id, stream.received, stream.durable, size):
-                    stream.acked = (stream.received, stream.durable)
+                size = self._runs[stream.run].world_size
+                if not self._send_ack(stream.identity, key[2], stream.received, stream.durable, size):
+                    continue  # tried again next round
+                stream.acked = (stream.received, stream.durable)
+            del self._to_ack[key]
 
     def _send_ack(self, identity: bytes, stream: int, received: int, durable: int, world_size: int) -> bool:
         try:
