@@ -94,6 +94,17 @@ _MAX_TABLES = 256
 _ROUND = 0.01
 # Bytes of bucketed histogram value arrays kept for the training thread's next copies.
 _MAX_SPARE_BYTES = 32 << 20
+# A batch costs the aggregator about as much whatever it holds (a tenth to a quarter of a
+# millisecond): by default a job's ranks together send it at most this many a second, a batch
+# each every 100 ms up to 100 ranks, then less often, but at least once a second.
+_JOB_BATCHES_PER_SECOND = 1000
+_BATCH_INTERVAL = 0.1
+_MAX_BATCH_INTERVAL = 1.0
+
+
+def batch_interval_for(world_size: int | None) -> float:
+    """The default ``batch_interval`` of a rank in a job of ``world_size`` ranks (None: unknown)."""
+    return min(max(_BATCH_INTERVAL, (world_size or 1) / _JOB_BATCHES_PER_SECOND), _MAX_BATCH_INTERVAL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,8 +114,9 @@ class ClientOptions:
     max_buffered: int = 2_000_000
     # How often the queued records go out as a batch (a flush sends them at once). Each batch
     # costs a fixed amount on both sides, whatever it holds; a record's wall time does not depend
-    # on it, nor does any record wait beyond it.
-    batch_interval: float = 0.1
+    # on it, nor does any record wait beyond it. None: 100 ms, longer in jobs of more than 100
+    # ranks (batch_interval_for), so that one aggregator keeps up with thousands of them.
+    batch_interval: float | None = None
     max_batch_records: int = 100_000
     # A batch is closed once its records' payloads reach about this many bytes, far below the
     # aggregator's limit on one message.
@@ -201,6 +213,8 @@ class Client:
     ) -> None:
         self.addr = addr
         self.options = options or ClientOptions()
+        given = self.options.batch_interval
+        self.batch_interval = batch_interval_for(world_size) if given is None else given
         self._origin = wire_pb2.Origin(
             run=run,
             rank=rank,
@@ -447,8 +461,8 @@ class Client:
         watching_out = False
         now = time.monotonic()
         last_sent = last_progress = now
-        round_interval = min(_ROUND, options.batch_interval)
-        next_batch = now + options.batch_interval
+        round_interval = min(_ROUND, self.batch_interval)
+        next_batch = now + self.batch_interval
         next_round = now + round_interval
         while not self._stop:
             if (self._unsent is not None and not self._window_full) != watching_out:
@@ -476,7 +490,7 @@ class Client:
             elif now >= next_round:
                 self._round()
             if due:
-                next_batch = now + options.batch_interval
+                next_batch = now + self.batch_interval
             if due or now >= next_round:
                 next_round = now + round_interval
             if self._unsent is not None and (
@@ -777,6 +791,8 @@ class Client:
                 self._unacked.release_through(self._durable)
                 if ack.world_size:
                     self.world_size = ack.world_size
+                    if self.options.batch_interval is None:
+                        self.batch_interval = batch_interval_for(ack.world_size)
                 self._cond.notify_all()
         return progress
 

@@ -141,6 +141,32 @@ def test_flush_returns_once_the_aggregator_answers_not_at_the_next_batch_interva
     ]
 
 
+def test_ranks_of_a_large_job_send_batches_less_often_unless_told(tmp_path):
+    # An aggregator takes about a thousand batches a second comfortably: in a job of more than
+    # 100 ranks each sends its batches less often than every 100 ms (at least once a second),
+    # from the world size it was given or, given none, the one its aggregator answers with.
+    cases = {
+        (): [(8, {}, 0.1, 0.1), (4096, {}, 1.0, 1.0), (4096, {"batch_interval": 0.05}, 0.05, 0.05)],
+        ("--world-size", "400"): [(None, {}, 0.1, 0.4)],
+    }
+    for n, (args, ranks) in enumerate(cases.items()):
+        addr = f"ipc://{tmp_path}/agg{n}.sock"
+        proc, _ = start_daemon(tmp_path / f"runs{n}", "--bind", addr, *args)
+        try:
+            for i, (world, options, before, after) in enumerate(ranks):
+                distsum.init(3, world, addr=addr, run=f"job{i}", **options)
+                try:
+                    client = distsum._api.client()
+                    assert client.batch_interval == before, (world, options)
+                    assert distsum.flush(30)
+                    assert client.batch_interval == after, (world, options)
+                finally:
+                    assert distsum.finish(30)
+        finally:
+            distsum.finish(5)
+            assert stop_daemon(proc)[0] == 0
+
+
 def test_batches_refused_before_the_aggregator_binds_go_out_as_soon_as_it_does(tmp_path):
     addr = f"ipc://{tmp_path}/agg.sock"
     distsum.init(0, 1, addr=addr, run="job", batch_interval=5.0)
