@@ -8,6 +8,9 @@ encoded before the clock starts, so the figure is the aggregator's: from the fir
 every simulated rank holds a *durable* acknowledgement of its last batch, i.e. every value was
 received, merged, reduced and written (``os.write``) to the run's event file. Afterwards the run
 is read back and every merged value checked.
+
+``paced`` sends at a steady rate instead, as ranks that log so many steps a second do, each its
+batches at its client's interval: whether one aggregator keeps up with a job of many ranks.
 """
 
 from __future__ import annotations
@@ -275,5 +278,96 @@ def capacity(
         shutil.rmtree(logdir, ignore_errors=True)
 
 
+def paced(
+    ranks: int, tags: int, steps_per_second: float, batch_interval: float, seconds: float
+) -> dict[str, Any]:
+    """Ranks logging ``tags`` scalars ``steps_per_second`` times a second, each sending what it
+    logged every ``batch_interval`` (their clocks spread over it, as independent ranks' are), for
+    ``seconds``: whether one aggregator keeps up, and its share of a core meanwhile.
+
+    ``behind_s`` is how long after the last send every batch was acknowledged as durable: about
+    a batch interval when the aggregator keeps up (the last steps wait for the ranks' next
+    batches, and the last batch flushes), more the further it fell behind.
+    """
+    import resource
+
+    steps = max(2, int(seconds * steps_per_second))
+    steps_per_batch = max(1, round(steps_per_second * batch_interval))
+    # Two descriptors a socket; a ZeroMQ context allows 1,023 sockets unless told otherwise.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * ranks + 256)), hard))
+    logdir = tempfile.mkdtemp(prefix="bench-paced-")
+    addr = f"ipc://{logdir}/agg.sock"
+    proc = start_aggregator(logdir, addr, ranks)
+    context = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, ranks + 64)
+    sockets: list[zmq.Socket[bytes]] = []
+    try:
+        batches = [encode_batches(r, ranks, tags, steps, steps_per_batch)[0] for r in range(ranks)]
+        nbatches = len(batches[0])
+        poller = zmq.Poller()
+        for _ in range(ranks):
+            s = context.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(addr)
+            sockets.append(s)
+            poller.register(s, zmq.POLLIN)
+        rank_of = {s: r for r, s in enumerate(sockets)}
+        sent_at = np.zeros((ranks, nbatches))
+        durable_at = np.full((ranks, nbatches), np.nan)
+        durable = [0] * ranks
+
+        from distsum._wire import decode_ack
+
+        def drain(wait_ms: int) -> None:
+            for s, _ in poller.poll(wait_ms):
+                r = rank_of[s]
+                while True:
+                    try:
+                        ack = decode_ack(s.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if ack.durable > durable[r]:
+                        durable_at[r, durable[r] : ack.durable] = time.perf_counter()
+                        durable[r] = ack.durable
+
+        offsets = np.arange(ranks) * batch_interval / ranks
+        start = time.perf_counter() + 0.5
+        cpu_before = proc_cpu(proc.pid)
+        for b in range(nbatches):
+            for r in range(ranks):
+                due = start + (b + 1) * batch_interval + offsets[r]
+                while (now := time.perf_counter()) < due:
+                    drain(max(0, int((due - now) * 1000)))
+                sockets[r].send(batches[r][b])
+                sent_at[r, b] = time.perf_counter()
+            drain(0)
+        sent = time.perf_counter()
+        cpu = proc_cpu(proc.pid) - cpu_before
+        deadline = time.monotonic() + 600
+        while min(durable) < nbatches:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"aggregator did not make every batch durable (exit {proc.poll()})")
+            drain(50)
+        latency = (durable_at - sent_at)[:, :-1]
+        return {
+            "ranks": ranks,
+            "batch_interval": batch_interval,
+            "steps_per_batch": steps_per_batch,
+            "batches_per_s": ranks / batch_interval,
+            "values_per_s": ranks * tags * steps_per_second,
+            "aggregator_core_share": cpu / (sent - start),
+            "durable_p50_ms": float(np.median(latency) * 1e3),
+            "durable_p99_ms": float(np.percentile(latency, 99) * 1e3),
+            "behind_s": time.perf_counter() - sent,
+        }
+    finally:
+        for s in sockets:
+            s.close(linger=0)
+        context.term()
+        stop_aggregator(proc)
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    call_main({"capacity": capacity})
+    call_main({"capacity": capacity, "paced": paced})
