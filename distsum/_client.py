@@ -1,16 +1,16 @@
 """The rank side: records go on a queue in the training thread; one thread batches and sends them.
 
 The training thread only validates and appends to the queue. The sender thread owns the ZeroMQ
-socket: every ``batch_interval`` (100 ms) it drains the queue, numbers the batch, sends it, and
-keeps it until the aggregator acknowledges it as durable, resending what was not acknowledged. So
-a batch lost with a connection or an aggregator is sent again, and the aggregator drops the copies
-it already has by (run, rank, stream, seq). In *rounds* between batches, every ``_ROUND`` (10 ms),
-it stamps the rows queued so far with the time and does the expensive work of the records queued
-(histogram bucketing, PNG encoding), a little at a time: in a synchronous job, a long burst of work
-on one rank's cores holds up every rank. A batch, encoded and checked and merged as one, costs the
-sender and the aggregator about as much for one record as for a thousand, so batches are rare.
-The sender waits on the socket and a wake-up pipe together, so acknowledgements are read as they
-arrive and a flush goes out at once.
+socket: every ``batch_interval`` (100 ms; longer in jobs of more than 100 ranks) it drains the
+queue, numbers the batch, sends it, and keeps it until the aggregator acknowledges it as durable,
+resending what was not acknowledged. So a batch lost with a connection or an aggregator is sent
+again, and the aggregator drops the copies it already has by (run, rank, stream, seq). In *rounds*
+between batches, every ``_ROUND`` (10 ms), it stamps the rows queued so far with the time and does
+the expensive work of the records queued (histogram bucketing, PNG encoding), a little at a time:
+in a synchronous job, a long burst of work on one rank's cores holds up every rank. A batch,
+encoded and checked and merged as one, costs the sender and the aggregator about as much for one
+record as for a thousand, so batches are rare. The sender waits on the socket and a wake-up pipe
+together, so acknowledgements are read as they arrive and a flush goes out at once.
 
 The queue is a ``bytearray`` of packed rows ``(series uint32, step int64, value float64)``, each
 appended with ``queue += pack_row(series, step, value)``: one C call that converts the numbers
