@@ -741,11 +741,12 @@ class Aggregator:
             return
         self._sync_now, self._last_sync = False, now
         for key, stream in self._streams.items():
+            _, rank, stream_id = key
             durable = min(stream.open_steps.values(), default=stream.received + 1) - 1
             if durable != stream.durable:
                 stream.durable = durable
                 self._to_ack[key] = stream
-            self._runs[stream.run].journal.durable(key[1], key[2], durable)
+            self._runs[stream.run].journal.durable(rank, stream_id, durable)
         for run in self._runs.values():
             if run.journal.dirty:
                 try:
@@ -807,7 +808,8 @@ class Aggregator:
         for key, stream in list(self._to_ack.items()):
             if stream.acked != (stream.received, stream.durable):
                 size = self._runs[stream.run].world_size
-                if not self._send_ack(stream.identity, key[2], stream.received, stream.durable, size):
+                stream_id = key[2]
+                if not self._send_ack(stream.identity, stream_id, stream.received, stream.durable, size):
                     continue  # tried again next round
                 stream.acked = (stream.received, stream.durable)
             del self._to_ack[key]

@@ -143,8 +143,8 @@ _RANK_LEAF = re.compile(r"rank_(?:0|[1-9][0-9]*)")
 # Chunks appended since the last consolidation that trigger one if they hold fewer than
 # _SMALL_CHUNK records on average: that bounds the Python objects (some 700 bytes a chunk) per held
 # value when ranks send many small batches, and leaves larger batches as they came. Copying and
-# sorting those bought nothing and took a quarter of the aggregator's time with 256 ranks sending
-# 1,900 records a batch.
+# sorting those bought nothing and took about a tenth of the aggregator's time with 256 ranks
+# sending 1,900 records a batch.
 _CONSOLIDATE_AFTER = 64
 _SMALL_CHUNK = 1024
 _TEXT_SEPARATOR = "\n\n---\n\n"
