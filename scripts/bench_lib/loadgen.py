@@ -79,6 +79,22 @@ def stop_aggregator(proc: subprocess.Popen[str], timeout: float = 120) -> int:
     return proc.returncode
 
 
+def connect_ranks(
+    context: zmq.Context[Any], addr: str, ranks: int, sockets: list[zmq.Socket[bytes]]
+) -> zmq.Poller:
+    """A DEALER socket per simulated rank, appended to ``sockets`` (for the caller to close, even if
+    this fails part way); the poller that waits for their acknowledgements."""
+    poller = zmq.Poller()
+    for _ in range(ranks):
+        s = context.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.connect(addr)
+        sockets.append(s)
+        poller.register(s, zmq.POLLIN)
+    return poller
+
+
 def encode_batches(
     rank: int, world: int, tags: int, steps: int, steps_per_batch: int
 ) -> tuple[list[bytes], int]:
@@ -184,14 +200,8 @@ def capacity(
             max_in_flight_bytes = ClientOptions().max_in_flight_bytes
         # sent_before[r][b]: the bytes of rank r's batches before batch b.
         sent_before = [np.cumsum([0, *map(len, per_rank)]) for per_rank in batches]
-        poller = zmq.Poller()
-        for _ in range(ranks):
-            s = context.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVHWM, 0)
-            s.connect(addr)
-            sockets.append(s)
-            poller.register(s, zmq.POLLIN)
+        poller = connect_ranks(context, addr, ranks, sockets)
+        rank_of = {s: r for r, s in enumerate(sockets)}
         durable = [0] * ranks
         received = [0] * ranks
 
@@ -205,7 +215,7 @@ def capacity(
                     except zmq.Again:
                         break
                     ack = decode_ack(frame)
-                    r = sockets.index(s)
+                    r = rank_of[s]
                     durable[r] = max(durable[r], ack.durable)
                     received[r] = max(received[r], ack.received)
 
@@ -285,9 +295,9 @@ def paced(
     logged every ``batch_interval`` (their clocks spread over it, as independent ranks' are), for
     ``seconds``: whether one aggregator keeps up, and its share of a core meanwhile.
 
-    ``behind_s`` is how long after the last send every batch was acknowledged as durable: about
-    a batch interval when the aggregator keeps up (the last steps wait for the ranks' next
-    batches, and the last batch flushes), more the further it fell behind.
+    ``behind_s`` is how long after the last send every batch was acknowledged as durable: a
+    fraction of a second when the aggregator keeps up (each rank's last batch flushes), more the
+    further it fell behind.
     """
     import resource
 
@@ -305,13 +315,7 @@ def paced(
     try:
         batches = [encode_batches(r, ranks, tags, steps, steps_per_batch)[0] for r in range(ranks)]
         nbatches = len(batches[0])
-        poller = zmq.Poller()
-        for _ in range(ranks):
-            s = context.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(addr)
-            sockets.append(s)
-            poller.register(s, zmq.POLLIN)
+        poller = connect_ranks(context, addr, ranks, sockets)
         rank_of = {s: r for r, s in enumerate(sockets)}
         sent_at = np.zeros((ranks, nbatches))
         durable_at = np.full((ranks, nbatches), np.nan)
