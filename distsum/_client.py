@@ -527,7 +527,7 @@ class Client:
         """Bucket a record's histogram values or encode its images, once; keep a spare array."""
         kind, payload = _series[record.series].kind, record.payload
         if kind == HISTOGRAM and not isinstance(payload, Histogram):
-            record.payload = Histogram.from_values(payload, tag=_series[record.series].tag)
+            record.payload = Histogram.from_values(payload, tag=_series[record.series].tag, sums=False)
             if record.spare:
                 record.spare = False
                 if self._keep_spare(payload):

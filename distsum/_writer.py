@@ -141,7 +141,8 @@ class SummaryWriter:
         """A histogram of ``values`` on TF1's bucket grid (``bins`` and ``max_bins`` are ignored)."""
         tag = _validate.check_tag(tag)
         array = _validate.as_array(values, tag, "histogram values")
-        self._add([HistogramItem(tag, Histogram.from_values(array, tag=tag))], global_step, tag, walltime)
+        histogram = Histogram.from_values(array, tag=tag, sums=False)
+        self._add([HistogramItem(tag, histogram)], global_step, tag, walltime)
 
     def add_image(
         self,

@@ -558,8 +558,30 @@ def test_sparse_round_trip(values):
     assert indices.dtype == np.uint16 and counts.dtype == np.int64
     assert np.all(counts > 0) and np.all(np.diff(indices.astype(int)) > 0)
     assert Histogram.from_parts(indices, counts, **parts_of(histogram), num=histogram.num) == histogram
+
     # As protobuf hands them over: lists of Python ints.
     assert Histogram.from_parts(indices.tolist(), counts.tolist(), **parts_of(histogram)) == histogram
+
+
+@settings(deadline=None)
+@given(any_float_array)
+def test_a_histogram_without_sums_differs_only_in_its_sums(values):
+    """What an event file keeps of a histogram (its TF2 tensor) is the same without the sums; the
+    sums are NaN unless there was nothing to add, stay NaN through a merge and cross the wire."""
+    full = Histogram.from_values(values, tag="t")
+    bare = Histogram.from_values(values, tag="t", sums=False)
+    assert bare.to_tensor_proto() == full.to_tensor_proto()
+    np.testing.assert_array_equal(bare.counts, full.counts)
+    assert (bare.min, bare.max, bare.num) == (full.min, full.max, full.num)
+    assert (bare.nan, bare.posinf, bare.neginf) == (full.nan, full.posinf, full.neginf)
+    if full.num == 0:
+        assert (bare.sum, bare.sum_squares) == (0.0, 0.0)
+    else:
+        assert math.isnan(bare.sum) and math.isnan(bare.sum_squares)
+        merged = full.merge(bare)
+        assert math.isnan(merged.sum) and math.isnan(merged.sum_squares)
+    indices, counts = bare.to_sparse()
+    assert Histogram.from_parts(indices, counts, **parts_of(bare), num=bare.num) == bare
 
 
 SAMPLE = Histogram.from_values(np.array([-2.0, 0.5, 0.5, 7.0, np.nan]), tag="t")
@@ -587,7 +609,7 @@ SAMPLE_INDICES, SAMPLE_COUNTS = SAMPLE.to_sparse()
         ({"max": math.inf}, "finite"),
         ({"min": 1.0, "max": 0.9}, "min <= max"),
         ({"sum_squares": -1.0}, "sum_squares"),
-        ({"sum_squares": math.nan}, "sum_squares"),
+        ({"sum_squares": -math.inf}, "sum_squares"),
         ({"nan": -1}, "nan must be"),
         ({"posinf": 1.5}, "posinf must be an integer"),
         ({"neginf": True}, "neginf must be an integer"),

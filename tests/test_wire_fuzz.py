@@ -1240,8 +1240,9 @@ def sum_squares_negative(h) -> None:
     h.sum_squares = -1.0
 
 
-def sum_squares_nan(h) -> None:
-    h.sum_squares = math.nan
+def sum_squares_minus_inf(h) -> None:
+    # (NaN is allowed: a rank that did not compute the sums sends NaN.)
+    h.sum_squares = -math.inf
 
 
 def nan_count_2_64(h) -> None:
@@ -1270,7 +1271,7 @@ BAD_HISTOGRAMS = [
     empty_with_finite_min,
     single_value_range,
     sum_squares_negative,
-    sum_squares_nan,
+    sum_squares_minus_inf,
     nan_count_2_64,
     posinf_2_63,
 ]
