@@ -240,6 +240,27 @@ def test_large_input_spanning_several_chunks():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sums", [True, False])
+def test_non_finite_values_in_some_chunks_only(dtype, sums):
+    """Each chunk is checked for NaN and infinities by itself: a chunk of nothing else, one with a
+    few, and finite ones around them give the histogram of the finite values and exact counts."""
+    rng = np.random.default_rng(9)
+    values = rng.standard_normal(3 * CHUNK + 5).astype(dtype)
+    values[CHUNK : 2 * CHUNK] = np.nan
+    some = rng.choice(np.arange(2 * CHUNK, 3 * CHUNK), 30, replace=False)
+    values[some[:10]], values[some[10:25]], values[some[25:]] = np.inf, -np.inf, np.nan
+    histogram = Histogram.from_values(values, tag="t", sums=sums)
+    finite = values[np.isfinite(values)]
+    np.testing.assert_array_equal(histogram.counts, reference_counts(finite))
+    assert (histogram.min, histogram.max, histogram.num) == (finite.min(), finite.max(), finite.size)
+    assert (histogram.nan, histogram.posinf, histogram.neginf) == (CHUNK + 5, 10, 15)
+    if sums:
+        assert_sums_close(histogram, finite)
+    else:
+        assert math.isnan(histogram.sum) and math.isnan(histogram.sum_squares)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sums_of_small_integers_are_exact(dtype):
     """Every partial sum is an integer below 2**53, so any order of addition gives the exact sums."""
     values = np.random.default_rng(8).integers(-1000, 1001, 2 * CHUNK + 5)
