@@ -36,22 +36,32 @@ SCENARIOS = {
         "capacity",
         {"ranks": 8, "tags": 100, "steps": 4000, "steps_per_batch": 10, "check": False},
     ),
+    # Target 6's job, distsum's blocks only (and no logging's, which the overhead is taken from).
+    "job": (
+        "ddp",
+        "job",
+        {"world": 4, "steps": 300, "warmup": 10, "repeats": 1, "modes": ["none", "distsum"]},
+    ),
 }
-_LABEL = re.compile(r"^(process \d+:.*|thread \(\w+\)(?::\s*.*)?)$")
+
+
+# py-spy's raw lines: "process N:"<command>";" for each process from the root down to the one
+# sampled (a command line may hold ';' itself), "thread (N): name;", then the frames.
+_PROCESS = re.compile(r'process (\d+):"(.*?)";(?=process \d+:|thread \()')
+_THREAD = re.compile(r"thread \((\w+)\)(?::\s*([^;]*))?;")
 
 
 def _frames(line: str) -> tuple[str, str, list[str], int]:
     stack, _, count = line.rpartition(" ")
-    parts = stack.split(";")
     process = thread = ""
-    frames = []
-    for part in parts:
-        if not frames and part.startswith("process "):
-            process = part.split(":", 1)[0] + ":" + part.split(":", 1)[1][:60]
-        elif not frames and part.startswith("thread ("):
-            thread = part
-        else:
-            frames.append(re.sub(r" \((.*?)(:\d+)?\)$", r" (\1)", part))
+    at = 0
+    while match := _PROCESS.match(stack, at):
+        process = f"process {match[1]}: {match[2][:70]}"
+        at = match.end()
+    if match := _THREAD.match(stack, at):
+        thread = f"thread {match[2] or match[1]}"
+        at = match.end()
+    frames = [re.sub(r" \((.*?)(:\d+)?\)$", r" (\1)", part) for part in stack[at:].split(";") if part]
     return process, thread, frames, int(count)
 
 
