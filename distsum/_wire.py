@@ -36,7 +36,7 @@ __all__ = [
     "set_scalar_columns",
 ]
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 # The aggregator refuses larger frames (ZMQ_MAXMSGSIZE); clients split batches well below it.
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_RANK = (1 << 24) - 1

@@ -692,7 +692,7 @@ class Fuzzer:
 
     def wrong_version(self) -> list[bytes]:
         rng = self.rng
-        version = rng.choice((0, 1, 2, 3, PROTOCOL_VERSION + 1, 99, 2**31, 2**32 - 1))
+        version = rng.choice((*range(PROTOCOL_VERSION), PROTOCOL_VERSION + 1, 99, 2**31, 2**32 - 1))
         d = self.valid_batch(rng.choice(self.streams), seq=1)
         if version == 1 and rng.random() < 0.5:
             return [protocol1_frame(d)]  # what a rank of protocol 1 sends
