@@ -478,8 +478,11 @@ class RunMerger:
         self._state: dict[int, bool] = {}
         self._progress: dict[int, int] = {}
         self._done: dict[int, int] = {}
-        # (done, rank) of waited ranks; stale entries are dropped when they reach the top.
-        self._rank_heap: list[tuple[int, int]] = []
+        # (done, rank) and (progress, rank) of waited ranks, so that the lowest of each is found
+        # without a pass over every rank in each round; stale entries are dropped when they reach
+        # the top.
+        self._done_heap: list[tuple[int, int]] = []
+        self._progress_heap: list[tuple[int, int]] = []
         self._world_size: int | None = None
         self._missing = 0  # ranks 0..world_size-1 never seen
 
@@ -653,7 +656,8 @@ class RunMerger:
         self._first_seen(rank)
         self._state[rank] = True
         self._progress[rank] = self._done[rank] = _BEFORE_ALL
-        heapq.heappush(self._rank_heap, (_BEFORE_ALL, rank))
+        heapq.heappush(self._done_heap, (_BEFORE_ALL, rank))
+        heapq.heappush(self._progress_heap, (_BEFORE_ALL, rank))
 
     def rank_flushed(self, rank: int) -> None:
         """The rank wants what it logged so far written: it has moved past its highest step."""
@@ -685,23 +689,30 @@ class RunMerger:
             self.rank_joined(rank)
         if highest > self._progress[rank]:
             self._progress[rank] = highest
+            if self._state[rank]:
+                heapq.heappush(self._progress_heap, (highest, rank))
             self._advance(rank, highest - 1)
 
     def _advance(self, rank: int, done: int) -> None:
         if done > self._done[rank]:
             self._done[rank] = done
             if self._state[rank]:
-                heapq.heappush(self._rank_heap, (done, rank))
+                heapq.heappush(self._done_heap, (done, rank))
 
     def _frontier(self) -> int:
         """Every step at or below this one has been moved past by every rank waited for."""
-        if self._missing:
-            return _BEFORE_ALL
-        heap = self._rank_heap
+        return _BEFORE_ALL if self._missing else self._lowest(self._done_heap, self._done)
+
+    def _reached(self) -> int:
+        """The lowest step that every waited rank has logged at or beyond."""
+        return self._lowest(self._progress_heap, self._progress)
+
+    def _lowest(self, heap: list[tuple[int, int]], of: dict[int, int]) -> int:
+        """The lowest ``of[rank]`` of the joined ranks (``_AFTER_ALL`` if none), from ``heap``."""
         while heap:
-            done, rank = heap[0]
-            if self._state[rank] and self._done[rank] == done:
-                return done
+            value, rank = heap[0]
+            if self._state[rank] and of[rank] == value:
+                return value
             heapq.heappop(heap)
         return _AFTER_ALL
 
@@ -987,10 +998,6 @@ class RunMerger:
                 break
             limit = step
         return limit
-
-    def _reached(self) -> int:
-        """The lowest step that every waited rank has logged at or beyond."""
-        return min((self._progress[r] for r, joined in self._state.items() if joined), default=_AFTER_ALL)
 
     def settles_at(self) -> float | None:
         """When (by the merger's clock) the lowest open step settles, if it waits only for that:
