@@ -242,8 +242,8 @@ def test_large_input_spanning_several_chunks():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("sums", [True, False])
 def test_non_finite_values_in_some_chunks_only(dtype, sums):
-    """Each chunk is checked for NaN and infinities by itself: a chunk of nothing else, one with a
-    few, and finite ones around them give the histogram of the finite values and exact counts."""
+    """NaN and infinities in some chunks only (one of nothing else, one with a few, finite ones
+    around them) give the histogram of the finite values and exact counts of the others."""
     rng = np.random.default_rng(9)
     values = rng.standard_normal(3 * CHUNK + 5).astype(dtype)
     values[CHUNK : 2 * CHUNK] = np.nan
@@ -579,7 +579,6 @@ def test_sparse_round_trip(values):
     assert indices.dtype == np.uint16 and counts.dtype == np.int64
     assert np.all(counts > 0) and np.all(np.diff(indices.astype(int)) > 0)
     assert Histogram.from_parts(indices, counts, **parts_of(histogram), num=histogram.num) == histogram
-
     # As protobuf hands them over: lists of Python ints.
     assert Histogram.from_parts(indices.tolist(), counts.tolist(), **parts_of(histogram)) == histogram
 

@@ -46,9 +46,10 @@ SCENARIOS = {
 
 
 # py-spy's raw lines: "process N:"<command>";" for each process from the root down to the one
-# sampled (a command line may hold ';' itself), "thread (N): name;", then the frames.
+# sampled (a command line may hold ';' itself), "thread (N): name", then the frames (none for a
+# thread sampled outside Python code).
 _PROCESS = re.compile(r'process (\d+):"(.*?)";(?=process \d+:|thread \()')
-_THREAD = re.compile(r"thread \((\w+)\)(?::\s*([^;]*))?;")
+_THREAD = re.compile(r"thread \((\w+)\)(?::\s*([^;]*))?(?:;|$)")
 
 
 def _frames(line: str) -> tuple[str, str, list[str], int]:
