@@ -65,6 +65,9 @@ _ROUND_MESSAGES = 1000
 _ROUND_BYTES = 8 << 20
 # Seconds a round waits for messages before it looks at the clock (timeouts, settled steps).
 _ROUND_WAIT = 0.05
+# Peers of another protocol version told so; beyond this many, new ones are not (a bound on what
+# anyone who can connect can make the aggregator keep).
+_MAX_TOLD_VERSION = 1 << 16
 
 _HEALTH_TAGS = tuple(
     f"distsum/{name}"
@@ -208,6 +211,7 @@ class Aggregator:
         self._to_ack: dict[tuple[str, int, int], _Stream] = {}
         # Streams forgotten (see _retire): their last batch, all of it durable.
         self._retired: dict[tuple[str, int, int], int] = {}
+        self._told_version: set[bytes] = set()
         self._last_liveness = 0.0
         self._stop = threading.Event()
         self.malformed: Counter[str] = Counter()
@@ -345,6 +349,8 @@ class Aggregator:
             batch = decode_batch(frame)
         except WireError as e:
             self._malformed(e.cause, identity, str(e))
+            if e.cause == "wrong version":
+                self._tell_version(identity)
             return
         origin = batch.origin
         key = (origin.run, origin.rank, origin.stream)
@@ -436,6 +442,14 @@ class Aggregator:
             run.active -= 1
             run.merger.rank_left(origin.rank)
             log.info("rank %d of run %r finished (batch %d)", origin.rank, origin.run or ".", batch.seq)
+
+    def _tell_version(self, identity: bytes) -> None:
+        """Answer a peer of another protocol version, once, with an ack of this one: it cannot read
+        it, and says so, where it would otherwise wait in silence for acks that never come."""
+        if identity in self._told_version or len(self._told_version) >= _MAX_TOLD_VERSION:
+            return
+        self._told_version.add(identity)
+        self._send_ack(identity, 0, 0, 0, 0)
 
     def _serves(self, name: str) -> bool:
         """Whether this aggregator writes the run ``name``: a job must not write into another

@@ -776,7 +776,17 @@ class Client:
             try:
                 ack = decode_ack(frame)
             except WireError as e:
-                log.warning("distsum: ignoring a malformed acknowledgement: %s", e)
+                if e.cause != "wrong version":
+                    log.warning("distsum: ignoring a malformed acknowledgement: %s", e)
+                else:
+                    # An aggregator of another distsum version answers a rank once: nothing sent is
+                    # acknowledged, and the records wait (in memory, then in the spool).
+                    log.warning(
+                        "distsum: the aggregator at %s speaks another version of the wire protocol "
+                        "(%s) and acknowledges nothing this rank sends: run the same distsum on both",
+                        self.addr,
+                        e,
+                    )
                 continue
             if ack.stream != self._origin.stream:
                 continue

@@ -18,7 +18,7 @@ import zmq
 import distsum
 from distsum._aggregator import _ROUND_BYTES
 from distsum._proto import wire_pb2
-from distsum._wire import decode_ack, encode_batch, encode_series_table, set_scalar_columns
+from distsum._wire import PROTOCOL_VERSION, decode_ack, encode_batch, encode_series_table, set_scalar_columns
 from tests.daemon import dealers, scalar_batch, start_daemon, stop_daemon, wait_for_durable_ack
 from tests.tbreaders import acc_scalars, accumulate, poll_until, read_events
 
@@ -195,6 +195,30 @@ def test_a_rank_that_finished_first_is_durable_as_soon_as_its_last_steps_are_wri
         code, err = stop_daemon(proc)
     assert code == 0, err
     assert acc_scalars(accumulate(tmp_path / "job"), "x") == [*((s, 3.0) for s in range(5)), (5, 1.0)]
+
+
+def test_a_peer_of_another_protocol_version_is_answered_once_in_this_one(tmp_path):
+    # A rank of another distsum version cannot read this aggregator's acks; one answer lets it say
+    # so (tests/test_client.py), where it would otherwise wait in silence. Its batches are dropped.
+    proc, addr = start_daemon(tmp_path)
+    try:
+        with dealers(addr, 2) as (other, same):
+            envelope = wire_pb2.Envelope.FromString(scalar_batch("job", 0, 2, 5, 1, range(3), 1.0))
+            envelope.version = PROTOCOL_VERSION + 1
+            for _ in range(3):
+                other.send(envelope.SerializeToString())
+            assert other.poll(10_000)
+            answer = wire_pb2.Envelope.FromString(other.recv())
+            assert (answer.version, answer.WhichOneof("body")) == (PROTOCOL_VERSION, "ack")
+            # A rank of this version is acknowledged as usual; the other peer hears nothing more.
+            same.send(scalar_batch("job", 1, 2, 6, 1, range(3), 2.0, finish=True))
+            assert same.poll(10_000)
+            assert decode_ack(same.recv()).received == 1
+            assert not other.poll(1_000)
+    finally:
+        code, err = stop_daemon(proc)
+    assert code == 0, err
+    assert err.count("wrong version") == 1  # the first of its dropped batches
 
 
 def test_the_last_rank_to_finish_gets_its_last_ack_however_late_it_reads_it(tmp_path):

@@ -420,6 +420,38 @@ def test_what_is_on_its_way_to_a_stalled_aggregator_stays_within_the_window(tmp_
     assert acc_scalars(acc, "x19") == [(s, float(s)) for s in range(300)]
 
 
+def test_a_rank_and_an_aggregator_of_different_protocol_versions_say_so_once(tmp_path, monkeypatch, caplog):
+    # This process's client plays a distsum one protocol version ahead of the aggregator's.
+    from distsum import _wire
+
+    monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    monkeypatch.setattr(
+        _wire, "_ENVELOPE_VERSION", wire_pb2.Envelope(version=PROTOCOL_VERSION + 1).SerializeToString()
+    )
+    addr = f"ipc://{tmp_path}/agg.sock"
+    proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
+    try:
+        with caplog.at_level("WARNING", logger="distsum"):
+            distsum.init(0, 1, addr=addr, run="job", heartbeat=0.2)
+            for step in range(5):
+                distsum.scalar("x", 1.0, step)
+                assert not distsum.flush(0.3)  # nothing is acknowledged
+            assert not distsum.finish(0.3)
+    finally:
+        code, err = stop_daemon(proc)
+    assert code == 0
+    told = [r.getMessage() for r in caplog.records if "another version" in r.getMessage()]
+    assert told == [
+        f"distsum: the aggregator at {addr} speaks another version of the wire protocol (wrong version: "
+        f"version {PROTOCOL_VERSION}, expected {PROTOCOL_VERSION + 1}) and acknowledges nothing this rank "
+        "sends: run the same distsum on both"
+    ]
+    assert "malformed acknowledgement" not in caplog.text
+    # The aggregator logged the first of the rank's batches it dropped, and opened no run for them.
+    assert err.count(f"version {PROTOCOL_VERSION + 1}, expected {PROTOCOL_VERSION}") == 1
+    assert not (tmp_path / "runs" / "job").exists()
+
+
 def test_a_finish_that_times_out_says_what_the_aggregator_has_not_confirmed(tmp_path, caplog):
     addr = f"ipc://{tmp_path}/agg.sock"
     proc, _ = start_daemon(tmp_path / "runs", "--bind", addr)
