@@ -158,6 +158,8 @@ class _Run:
     # The run's streams, and how many of them have not finished.
     streams: list[_Stream] = field(default_factory=list)
     active: int = 0
+    # Each rank's newest stream: none of its other streams is unfinished.
+    live: dict[int, _Stream] = field(default_factory=dict)
     # Streams that opened steps since the round last looked at their open steps.
     opened: set[_Stream] = field(default_factory=set)
     # (run path, tag) -> the last step an earlier aggregator wrote there: ranks resend what was
@@ -399,10 +401,11 @@ class Aggregator:
             else:
                 # A rank number has one process at a time: a new stream of it (a restarted rank)
                 # supersedes the old one, which must not later time out and take the new one along.
-                for old in run.streams:
-                    if old.rank == origin.rank and not old.finished and old is not stream:
-                        old.finished = True
-                        run.active -= 1
+                old = run.live.get(origin.rank)
+                if old is not None and not old.finished:
+                    old.finished = True
+                    run.active -= 1
+                run.live[origin.rank] = stream
                 run.active += 1
                 self._last_join = time.monotonic()
                 run.merger.rank_joined(origin.rank)
@@ -594,7 +597,8 @@ class Aggregator:
                 stream.finished = True
                 run = self._runs[stream.run]
                 run.active -= 1
-                if not any(s.rank == stream.rank and not s.finished for s in run.streams):
+                live = run.live.get(stream.rank)
+                if live is None or live.finished:
                     run.merger.rank_left(stream.rank)
 
     def _retire(self, now: float) -> None:
@@ -615,6 +619,8 @@ class Aggregator:
                 run = self._runs[stream.run]
                 run.streams.remove(stream)
                 run.opened.discard(stream)
+                if run.live.get(stream.rank) is stream:
+                    del run.live[stream.rank]
                 # Still in the journal while the run is open: an aggregator started after this
                 # one must know that the rank is done, or it waits for it at every step.
         for name, run in list(self._runs.items()):

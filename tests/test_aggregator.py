@@ -197,6 +197,28 @@ def test_a_rank_that_finished_first_is_durable_as_soon_as_its_last_steps_are_wri
     assert acc_scalars(accumulate(tmp_path / "job"), "x") == [*((s, 3.0) for s in range(5)), (5, 1.0)]
 
 
+def test_a_restarted_ranks_new_stream_supersedes_its_old_one(tmp_path):
+    # The process of rank 0 died without a word and a new one took its place (a new stream). The
+    # old stream is not waited for: the job ends when the new one finishes, not a rank timeout
+    # (10 minutes here) after the old one fell silent.
+    addr = f"ipc://{tmp_path}/agg.sock"
+    args = ["--bind", addr, "--embedded", "--world-size", "1", "--rank-timeout", "600"]
+    proc, _ = start_daemon(tmp_path / "run", *args)
+    try:
+        with dealers(addr, 2, immediate=True) as (old, new):
+            old.send(scalar_batch("", 0, 1, 7, 1, range(3), 1.0))
+            assert old.poll(10_000)
+            assert decode_ack(old.recv()).received == 1
+            new.send(scalar_batch("", 0, 1, 8, 1, range(3, 6), 2.0, finish=True))
+            wait_for_durable_ack(new, 8, 1, timeout=10)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        code, err = stop_daemon(proc)
+    assert code == 0, err
+    values = [(s, 1.0) for s in range(3)] + [(s, 2.0) for s in range(3, 6)]
+    assert acc_scalars(accumulate(tmp_path / "run"), "x") == values
+
+
 def test_a_peer_of_another_protocol_version_is_answered_once_in_this_one(tmp_path):
     # A rank of another distsum version cannot read this aggregator's acks; one answer lets it say
     # so (tests/test_client.py), where it would otherwise wait in silence. Its batches are dropped.
