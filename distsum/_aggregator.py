@@ -158,7 +158,8 @@ class _Run:
     # The run's streams, and how many of them have not finished.
     streams: list[_Stream] = field(default_factory=list)
     active: int = 0
-    # Each rank's newest stream: none of its other streams is unfinished.
+    # Each rank's latest stream to join (one an earlier aggregator saw finish does not): none of
+    # the rank's other streams is unfinished.
     live: dict[int, _Stream] = field(default_factory=dict)
     # Streams that opened steps since the round last looked at their open steps.
     opened: set[_Stream] = field(default_factory=set)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import distsum
-from distsum import _client
+from distsum import _client, _wire
 from distsum._histogram import Histogram
 from distsum._image import EncodedImage, encode_png
 from distsum._proto import wire_pb2
@@ -422,8 +422,6 @@ def test_what_is_on_its_way_to_a_stalled_aggregator_stays_within_the_window(tmp_
 
 def test_a_rank_and_an_aggregator_of_different_protocol_versions_say_so_once(tmp_path, monkeypatch, caplog):
     # This process's client plays a distsum one protocol version ahead of the aggregator's.
-    from distsum import _wire
-
     monkeypatch.setattr(_wire, "PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
     monkeypatch.setattr(
         _wire, "_ENVELOPE_VERSION", wire_pb2.Envelope(version=PROTOCOL_VERSION + 1).SerializeToString()
