@@ -41,6 +41,13 @@ import numpy as np
 
 from distsum._proto import histogram_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
+try:
+    # The bucketing below in C, one pass over the values (distsum/_bucketing.c), built at install
+    # when a C compiler is there; without it, from_values uses the numpy code.
+    from distsum import _bucketing
+except ImportError:
+    _bucketing = None  # type: ignore[assignment]
+
 __all__ = ["BUCKET_LIMITS", "NUM_BUCKETS", "Histogram"]
 
 _DBL_MAX = float(np.finfo(np.float64).max)
@@ -74,6 +81,8 @@ NUM_BUCKETS: int = len(BUCKET_LIMITS)  # 1551
 # larger pattern is a larger magnitude, so buckets go up with the patterns of positive values and
 # down with those of negative ones. A value's *tally index* is its bucket if its sign bit is clear
 # and _NEGATIVE - bucket if set: it goes up with the pattern everywhere, one step per boundary.
+# _bucketing.c takes the same tables and does the same arithmetic value by value; the numpy code
+# here does it a chunk at a time.
 _NUM_KEYS = 1 << 16
 _NEGATIVE = 2 * NUM_BUCKETS
 
@@ -322,6 +331,15 @@ class Histogram:
         x = _as_float_vector(values, tag)
         if x.size == 0:
             return cls.empty()
+        if _bucketing is not None:
+            counts = np.zeros(NUM_BUCKETS, dtype=np.int64)
+            low, high, nan, posinf, neginf, total, total_squares = _bucketing.bucket(
+                x, _INDEX_TABLES[x.dtype], counts, sums
+            )
+            num = x.size - nan - posinf - neginf
+            if num and not sums:
+                total = total_squares = math.nan
+            return cls(counts, low, high, num, total, total_squares, nan, posinf, neginf)
         nan = posinf = neginf = 0
         # min/max propagate NaN and reach the infinities, so two cheap reductions tell whether
         # the common all-finite case can skip the masking below.

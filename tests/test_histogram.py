@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -21,6 +22,21 @@ from distsum._histogram import _CHUNK, BUCKET_LIMITS, NUM_BUCKETS, Histogram, _b
 from distsum._proto import types_pb2
 
 DBL_MAX = float(np.finfo(np.float64).max)
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "numpy"])
+def bucketing(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs with each bucketing: the C extension and the numpy code without it."""
+    compiled = _histogram._bucketing
+    if request.param == "compiled":
+        assert compiled is not None, "distsum._bucketing is not built: reinstall distsum with a C compiler"
+        yield request.param
+    else:
+        _histogram._bucketing = None
+        try:
+            yield request.param
+        finally:
+            _histogram._bucketing = compiled
 
 
 def reference_buckets(values: np.ndarray) -> np.ndarray:
