@@ -20,9 +20,6 @@
 /* A value's tally index is its bucket if positive, NEGATIVE - bucket if its sign bit is set. */
 #define NEGATIVE (2 * NUM_BUCKETS)
 #define NUM_KEYS 65536
-/* Tallies kept side by side: values in one bucket, the common case, would otherwise each wait
- * for the previous increment of the same counter. */
-#define LANES 4
 
 typedef struct {
     double low, high, sum, sum_squares;
@@ -31,45 +28,45 @@ typedef struct {
 } Result;
 
 /* One loop per width; PATTERN is the unsigned type of the value's bits. */
-#define BUCKET_LOOP(NAME, FLOAT, PATTERN, SHIFT, EXPONENT, MANTISSA)                                 \
+#define BUCKET_LOOP(NAME, FLOAT, PATTERN, SHIFT, EXPONENT, MANTISSA)                               \
     static void NAME(const FLOAT *values, Py_ssize_t n, const PATTERN *table, int sums,            \
-                     int64_t (*tally)[NEGATIVE], Result *r)                                          \
-    {                                                                                                \
-        const PATTERN *bits = (const PATTERN *)values;                                               \
-        FLOAT low = (FLOAT)Py_HUGE_VAL, high = -(FLOAT)Py_HUGE_VAL;                                  \
-        double sum = 0.0, sum_squares = 0.0;                                                         \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                         \
-            PATTERN p = bits[i];                                                                     \
-            if ((p & EXPONENT) == EXPONENT) {                                                        \
-                if (p & MANTISSA)                                                                    \
-                    r->nan++;                                                                        \
-                else if (p >> (SHIFT + 15))                                                          \
-                    r->neginf++;                                                                     \
-                else                                                                                 \
-                    r->posinf++;                                                                     \
-                continue;                                                                            \
-            }                                                                                        \
-            FLOAT v = values[i];                                                                     \
-            low = v < low ? v : low;                                                                 \
-            high = v > high ? v : high;                                                              \
-            if (sums) {                                                                              \
-                double w = (double)v;                                                                \
-                sum += w;                                                                            \
-                sum_squares += w * w;                                                                \
-            }                                                                                        \
-            /* The carry of this addition does the comparison with the boundary inside the   \
-             * value's cell (see _index_table). */                                                  \
-            size_t t = (size_t)((PATTERN)(p + table[p >> SHIFT]) >> SHIFT);                          \
-            if (t >= NEGATIVE) {                                                                     \
-                r->out_of_range = 1;                                                                 \
-                return;                                                                              \
-            }                                                                                        \
-            tally[(size_t)i % LANES][t]++;                                                           \
-        }                                                                                            \
-        r->low = (double)low;                                                                        \
-        r->high = (double)high;                                                                      \
-        r->sum = sum;                                                                                \
-        r->sum_squares = sum_squares;                                                                \
+                     int64_t *tally, Result *r)                                                    \
+    {                                                                                              \
+        const PATTERN *bits = (const PATTERN *)values;                                             \
+        FLOAT low = (FLOAT)Py_HUGE_VAL, high = -(FLOAT)Py_HUGE_VAL;                                \
+        double sum = 0.0, sum_squares = 0.0;                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                       \
+            PATTERN p = bits[i];                                                                   \
+            if ((p & EXPONENT) == EXPONENT) {                                                      \
+                if (p & MANTISSA)                                                                  \
+                    r->nan++;                                                                      \
+                else if (p >> (SHIFT + 15))                                                        \
+                    r->neginf++;                                                                   \
+                else                                                                               \
+                    r->posinf++;                                                                   \
+                continue;                                                                          \
+            }                                                                                      \
+            FLOAT v = values[i];                                                                   \
+            low = v < low ? v : low;                                                               \
+            high = v > high ? v : high;                                                            \
+            if (sums) {                                                                            \
+                double w = (double)v;                                                              \
+                sum += w;                                                                          \
+                sum_squares += w * w;                                                              \
+            }                                                                                      \
+            /* The carry of this addition does the comparison with the boundary inside the         \
+             * value's cell (see _index_table). */                                                 \
+            size_t t = (size_t)((PATTERN)(p + table[p >> SHIFT]) >> SHIFT);                        \
+            if (t >= NEGATIVE) {                                                                   \
+                r->out_of_range = 1;                                                               \
+                return;                                                                            \
+            }                                                                                      \
+            tally[t]++;                                                                            \
+        }                                                                                          \
+        r->low = (double)low;                                                                      \
+        r->high = (double)high;                                                                    \
+        r->sum = sum;                                                                              \
+        r->sum_squares = sum_squares;                                                              \
     }
 
 BUCKET_LOOP(bucket_float32, float, uint32_t, 16, 0x7f800000u, 0x007fffffu)
@@ -110,8 +107,9 @@ bucket(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer values, table, counts;
     if (PyObject_GetBuffer(args[0], &values, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
         return NULL;
+    /* Native byte order only: numpy writes no prefix for it. */
     const char *format = values.format;
-    if (format[0] == '<' || format[0] == '=' || format[0] == '@')
+    if (format[0] == '=' || format[0] == '@')
         format++;
     int wide = strcmp(format, "d") == 0;
     if (!wide && strcmp(format, "f") != 0) {
@@ -130,38 +128,30 @@ bucket(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Result r = {0};
-    int64_t (*tally)[NEGATIVE] = PyMem_RawCalloc(LANES, sizeof *tally);
-    if (tally == NULL) {
-        PyErr_NoMemory();
+    /* 25 KB: on the stack, where a heap block would be page-faulted in fresh at times. */
+    int64_t tally[NEGATIVE] = {0};
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t n = values.len / values.itemsize;
+    if (wide)
+        bucket_float64(values.buf, n, table.buf, sums, tally, &r);
+    else
+        bucket_float32(values.buf, n, table.buf, sums, tally, &r);
+    if (!r.out_of_range) {
+        int64_t *out = counts.buf;
+        for (int k = 0; k < NUM_BUCKETS; k++)
+            out[k] += tally[k];
+        /* The negative values' tally indices, NEGATIVE - bucket, folded onto their buckets. */
+        for (int k = 1; k < NUM_BUCKETS; k++)
+            out[k] += tally[NEGATIVE - k];
     }
-    else {
-        Py_BEGIN_ALLOW_THREADS
-        Py_ssize_t n = values.len / values.itemsize;
-        if (wide)
-            bucket_float64(values.buf, n, table.buf, sums, tally, &r);
-        else
-            bucket_float32(values.buf, n, table.buf, sums, tally, &r);
-        if (!r.out_of_range) {
-            int64_t *out = counts.buf;
-            for (int lane = 1; lane < LANES; lane++)
-                for (int t = 0; t < NEGATIVE; t++)
-                    tally[0][t] += tally[lane][t];
-            for (int k = 0; k < NUM_BUCKETS; k++)
-                out[k] += tally[0][k];
-            /* The negative values' tally indices, NEGATIVE - bucket, folded onto their buckets. */
-            for (int k = 1; k < NUM_BUCKETS; k++)
-                out[k] += tally[0][NEGATIVE - k];
-        }
-        Py_END_ALLOW_THREADS
-        PyMem_RawFree(tally);
-        if (r.out_of_range)
-            PyErr_SetString(PyExc_ValueError, "table gives a tally index past the tally");
-    }
+    Py_END_ALLOW_THREADS
     PyBuffer_Release(&counts);
     PyBuffer_Release(&table);
     PyBuffer_Release(&values);
-    if (PyErr_Occurred())
+    if (r.out_of_range) {
+        PyErr_SetString(PyExc_ValueError, "table gives a tally index past the tally");
         return NULL;
+    }
     return Py_BuildValue("ddnnndd", r.low, r.high, r.nan, r.posinf, r.neginf, r.sum,
                          r.sum_squares);
 }

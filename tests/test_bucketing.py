@@ -46,6 +46,7 @@ def test_counts_accumulate_and_the_result_describes_the_finite_values():
     [
         (np.arange(4, dtype=np.int64), TABLE64, counts(), TypeError, "expected float32 or float64"),
         (np.ones(4, dtype=np.float16), TABLE32, counts(), TypeError, "expected float32 or float64"),
+        (np.ones(4, dtype=">f4"), TABLE32, counts(), TypeError, "expected float32 or float64"),
         (np.ones(4, dtype=np.float32), TABLE64, counts(), ValueError, "table"),
         (np.ones(4, dtype=np.float32), TABLE32[:-1], counts(), ValueError, "table"),
         (np.ones(4, dtype=np.float32), TABLE32, counts()[:-1], ValueError, "counts"),
