@@ -330,7 +330,7 @@ class Histogram:
         counted. Raises TypeError naming ``tag`` for bool, complex, string or object arrays.
         Without ``sums``, ``sum`` and ``sum_squares`` are NaN: TF1's ``HistogramProto`` has them,
         but the TF2 tensor that event files hold (``to_tensor_proto``) does not, so a histogram
-        bound only for an event file need not pay for them (over a quarter of the bucketing).
+        bound only for an event file need not pay for them.
         """
         x = _as_float_vector(values, tag)
         if x.size == 0:
