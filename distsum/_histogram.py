@@ -135,7 +135,6 @@ def _index_table(float_type: type[np.floating]) -> np.ndarray:
 
 
 _INDEX_TABLES = {np.dtype(t): _index_table(t) for t in (np.float32, np.float64)}
-_BUCKETED_TYPES = tuple(_INDEX_TABLES)
 
 # Values are bucketed this many at a time, so that the buffers stay in the CPU cache.
 _CHUNK = 1 << 16
@@ -166,7 +165,7 @@ def _tally_indices(bits: np.ndarray, keys: np.ndarray, looked: np.ndarray) -> np
 def _as_float_vector(values: np.ndarray, tag: str) -> np.ndarray:
     """``values`` flattened to a contiguous native float32 or float64 array, without loss."""
     array = np.asarray(values)
-    if array.dtype in _BUCKETED_TYPES and array.flags.c_contiguous:
+    if array.dtype in _INDEX_TABLES and array.flags.c_contiguous:
         # What the client hands over (its own copy): a view, without errstate's Python around it.
         return array.reshape(-1)
     kind = array.dtype.kind
