@@ -20,7 +20,7 @@ An empty histogram (no finite value) has ``min = +inf`` and ``max = -inf`` in me
 of min/max, so merging needs no special case. On disk it becomes ``min = max = 0.0`` (TF writes
 ``DBL_MAX``/``-DBL_MAX``, which TensorBoard's Rust loader turns into one huge backwards bucket).
 
-Disk forms: ``to_tensor_proto`` gives the TF2 ``[k, 3]`` float64 tensor that both TensorBoard
+Disk forms: ``tensor_bytes`` gives the TF2 ``[k, 3]`` float64 tensor that both TensorBoard
 loaders serve identically; ``to_histogram_proto`` gives TF1's legacy ``HistogramProto``.
 ``to_sparse``/``from_parts`` are the compact form for the wire, with ``from_parts`` checking
 everything, because the aggregator feeds it what ranks sent.
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from distsum._proto import histogram_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from distsum._proto import histogram_pb2, tensor_pb2, types_pb2, varint
 
 try:
     # The bucketing below in C, one pass over the values (distsum/_bucketing.c), built at install
@@ -514,17 +514,27 @@ class Histogram:
         rows[:, 2] = self.counts[kept]
         return rows
 
-    def to_tensor_proto(self) -> tensor_pb2.TensorProto:
-        """The TF2 histogram tensor: DT_DOUBLE, shape ``[k, 3]``, rows from ``rows()``."""
+    def tensor_bytes(self) -> bytes:
+        """The serialized TF2 histogram tensor: DT_DOUBLE, shape ``[k, 3]``, rows from ``rows()``.
+
+        Encoded here rather than through protobuf's classes: the aggregator writes one per
+        histogram per step, and four message objects cost more than the bytes.
+        """
         rows = self.rows()
-        shape = tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in rows.shape]
-        )
-        return tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_DOUBLE,
-            tensor_shape=shape,
-            tensor_content=rows.astype("<f8", copy=False).tobytes(order="C"),
-        )
+        # TensorProto{dtype (1), tensor_shape (2): {dim (2): {size (1)}, dim}, tensor_content (4)};
+        # proto3 leaves out a size of 0, as protobuf's own serializer does.
+        size = varint(rows.shape[0])
+        first = b"\x12\x00" if rows.shape[0] == 0 else b"\x12" + varint(len(size) + 1) + b"\x08" + size
+        shape = first + b"\x12\x02\x08\x03"
+        content = rows.astype("<f8", copy=False).tobytes()
+        head = b"\x08" + varint(types_pb2.DT_DOUBLE) + b"\x12" + varint(len(shape)) + shape
+        if not content:
+            return head
+        return b"".join((head, b"\x22", varint(len(content)), content))
+
+    def to_tensor_proto(self) -> tensor_pb2.TensorProto:
+        """``tensor_bytes()`` as a ``TensorProto``."""
+        return tensor_pb2.TensorProto.FromString(self.tensor_bytes())
 
     def to_histogram_proto(self) -> histogram_pb2.HistogramProto:
         """TF1's legacy ``HistogramProto``, runs of empty buckets collapsed as TF collapses them.

@@ -165,6 +165,8 @@ def _metadata(
 
 
 _HISTOGRAMS = _metadata("histograms", summary_pb2.DATA_CLASS_TENSOR)
+# Value.metadata (field 9) with the above, as histogram_value writes it after the tensor.
+_HISTOGRAMS_FIELD = b"\x4a" + varint(_HISTOGRAMS.ByteSize()) + _HISTOGRAMS.SerializeToString()
 _TEXT = _metadata("text", summary_pb2.DATA_CLASS_TENSOR)
 
 
@@ -194,11 +196,7 @@ def to_values(items: Iterable[Item], *, legacy_histograms: bool = False) -> list
         elif isinstance(item, HistogramItem) and legacy_histograms:
             values.append(summary_pb2.Summary.Value(tag=item.tag, histo=item.histogram.to_histogram_proto()))
         elif isinstance(item, HistogramItem):
-            values.append(
-                summary_pb2.Summary.Value(
-                    tag=item.tag, metadata=_HISTOGRAMS, tensor=item.histogram.to_tensor_proto()
-                )
-            )
+            values.append(summary_pb2.Summary.Value.FromString(_histogram_value(item)))
         elif isinstance(item, ImageItem):
             image = item.encoded()
             value = summary_pb2.Summary.Value(tag=item.tag)
@@ -219,18 +217,37 @@ def to_values(items: Iterable[Item], *, legacy_histograms: bool = False) -> list
     return values
 
 
+def _histogram_value(item: HistogramItem) -> bytes:
+    """The serialized ``Summary.Value`` of a histogram: its tag, TF2 tensor and plugin metadata.
+
+    In bytes rather than protobuf's classes: the aggregator writes one for every histogram tag
+    at every step.
+    """
+    tag = item.tag.encode("utf-8")
+    tensor = item.histogram.tensor_bytes()
+    # Value{tag (1), tensor (8), metadata (9)}, in field order as protobuf writes them.
+    return b"".join((b"\x0a", varint(len(tag)), tag, b"\x42", varint(len(tensor)), tensor, _HISTOGRAMS_FIELD))
+
+
 def summary_bytes(items: Iterable[Item]) -> bytes:
     """The serialized ``Summary`` holding ``items``: the bytes of ``Summary(value=to_values(items))``."""
     parts: list[bytes] = []
     others: list[Item] = []
     for item in items:
+        # A Summary's values concatenate, each a Summary.value (field 1): the scalar blocks and
+        # histograms are encoded as bytes, the rest through protobuf.
         if type(item) is ScalarBlock:
-            if others:
-                parts.append(summary_pb2.Summary(value=to_values(others)).SerializeToString())
-                others = []
-            parts.append(item.tags.encode(item.values))
+            part = item.tags.encode(item.values)
+        elif type(item) is HistogramItem:
+            value = _histogram_value(item)
+            part = b"\x0a" + varint(len(value)) + value
         else:
             others.append(item)
+            continue
+        if others:
+            parts.append(summary_pb2.Summary(value=to_values(others)).SerializeToString())
+            others = []
+        parts.append(part)
     if others:
         parts.append(summary_pb2.Summary(value=to_values(others)).SerializeToString())
     return b"".join(parts)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distsum._histogram import Histogram
-from distsum._proto import event_pb2, summary_pb2
+from distsum._proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from distsum._summaries import (
     HistogramItem,
     ScalarBlock,
@@ -76,3 +76,40 @@ def test_blocks_and_other_items_keep_their_order_in_one_event() -> None:
     expected.summary.value.extend(to_values(flat))
     assert event == expected
     assert event_bytes(7, 1234.5, items) == expected.SerializeToString()
+
+
+def histogram_reference(tag: str, histogram: Histogram) -> summary_pb2.Summary.Value:
+    """A histogram's Value as TensorBoard's own summary ops make it, through protobuf's classes."""
+    rows = histogram.rows()
+    value = summary_pb2.Summary.Value(tag=tag)
+    value.metadata.plugin_data.plugin_name = "histograms"
+    value.metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
+    value.tensor.CopyFrom(
+        tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_DOUBLE,
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in rows.shape]
+            ),
+            tensor_content=rows.astype("<f8").tobytes(),
+        )
+    )
+    return value
+
+
+@given(
+    st.lists(
+        st.tuples(TAGS, st.lists(st.floats(width=32), max_size=50)),
+        min_size=1,
+        max_size=5,
+        unique_by=lambda x: x[0],
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_histograms_encode_as_protobuf_does(pairs) -> None:
+    """Histograms (empty ones too) among scalars, in bytes as protobuf serializes their Values."""
+    items = [HistogramItem(tag, Histogram.from_values(np.array(v, np.float32), tag=tag)) for tag, v in pairs]
+    scalars = ScalarBlock(ScalarTags(["s"]), np.array([1.0]))
+    expected = summary_pb2.Summary(value=[histogram_reference(i.tag, i.histogram) for i in items])
+    expected.value.insert(1, summary_pb2.Summary.Value(tag="s", simple_value=1.0))
+    assert summary_bytes([items[0], scalars, *items[1:]]) == expected.SerializeToString()
+    assert to_values(items) == [histogram_reference(i.tag, i.histogram) for i in items]
