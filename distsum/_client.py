@@ -1,11 +1,11 @@
 """The rank side: records go on a queue in the training thread; one thread batches and sends them.
 
 The training thread only validates and appends to the queue. The sender thread owns the ZeroMQ
-socket: every ``batch_interval`` (100 ms; longer in jobs of more than 100 ranks) it drains the
+socket: every ``batch_interval`` (200 ms; longer in jobs of more than 200 ranks) it drains the
 queue, numbers the batch, sends it, and keeps it until the aggregator acknowledges it as durable,
 resending what was not acknowledged. So a batch lost with a connection or an aggregator is sent
 again, and the aggregator drops the copies it already has by (run, rank, stream, seq). In *rounds*
-between batches, every ``_ROUND`` (50 ms), it stamps the rows queued so far with the time and does
+between batches, every ``_ROUND`` (100 ms), it stamps the rows queued so far with the time and does
 the expensive work of the records queued (histogram bucketing, PNG encoding), a little at a time:
 in a synchronous job, a long burst of work on one rank's cores holds up every rank. A batch,
 encoded and checked and merged as one, costs the sender and the aggregator about as much for one
@@ -16,8 +16,8 @@ The queue is a ``bytearray`` of packed rows ``(series uint32, step int64, value 
 appended with ``queue += pack_row(series, step, value)``: one C call that converts the numbers
 and one in-place concatenation, atomic, so rows from different threads never interleave. The
 sender takes the rows as numpy columns with one copy, without touching a Python object per row.
-A scalar's wall time is that of the sender's first round after the call, normally within 50 ms of
-it: calling ``time.time()`` in the training thread would cost a third of the call. Any other
+A scalar's wall time is that of the sender's first round after the call, normally within 100 ms
+of it: calling ``time.time()`` in the training thread would cost a third of the call. Any other
 record (and every flush marker) waits in ``_breaks`` under a number, and a row ``(BREAK, number,
 0.0)`` holds its place in the queue.
 """
@@ -92,15 +92,18 @@ _SCALAR_BYTES = 32
 _MAX_TABLES = 256
 # How often the sender stamps queued rows and prepares queued records between batches, at most.
 # Each round wakes a thread whose caches have gone cold meanwhile, so a round costs far more than
-# its work: in target 6's job, the senders took 1.4 times the CPU with 10 ms rounds as with 50 ms.
-_ROUND = 0.05
+# its work: in target 6's job, the senders took 1.4 times the CPU with 10 ms rounds as with 50 ms,
+# and 1.2 times with 50 ms rounds and 100 ms batches as with 100 ms rounds and 200 ms batches.
+_ROUND = 0.1
 # Bytes of bucketed histogram value arrays kept for the training thread's next copies.
 _MAX_SPARE_BYTES = 32 << 20
 # A batch costs the aggregator about as much whatever it holds (a tenth to a quarter of a
-# millisecond): by default a job's ranks together send it at most this many a second, a batch
-# each every 100 ms up to 100 ranks, then less often, but at least once a second.
+# millisecond, more on a machine where it wakes up cold): by default a job's ranks together send
+# it at most this many a second, a batch each every 200 ms up to 200 ranks, then less often, but
+# at least once a second. (In target 6's job, 100 ms batches cost the aggregator 1.4 times the
+# CPU of 200 ms ones.)
 _JOB_BATCHES_PER_SECOND = 1000
-_BATCH_INTERVAL = 0.1
+_BATCH_INTERVAL = 0.2
 _MAX_BATCH_INTERVAL = 1.0
 
 
@@ -116,7 +119,7 @@ class ClientOptions:
     max_buffered: int = 2_000_000
     # How often the queued records go out as a batch (a flush sends them at once). Each batch
     # costs a fixed amount on both sides, whatever it holds; a record's wall time does not depend
-    # on it, nor does any record wait beyond it. None: 100 ms, longer in jobs of more than 100
+    # on it, nor does any record wait beyond it. None: 200 ms, longer in jobs of more than 200
     # ranks (batch_interval_for), so that one aggregator keeps up with thousands of them.
     batch_interval: float | None = None
     max_batch_records: int = 100_000
