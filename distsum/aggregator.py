@@ -46,6 +46,10 @@ def _keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
+# The flags' defaults are the options' own.
+_DEFAULTS = AggregatorOptions(logdir="")
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
@@ -53,17 +57,23 @@ def _env(name: str, default: str | None = None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distsum-aggregator", description=__doc__.split("\n")[0])
     parser.add_argument("--logdir", default=_env("DISTSUM_LOGDIR"), help="root directory of the runs")
-    parser.add_argument("--bind", default=_env("DISTSUM_BIND", "tcp://127.0.0.1:0"))
+    parser.add_argument("--bind", default=_env("DISTSUM_BIND", _DEFAULTS.bind))
     parser.add_argument("--world-size", type=int, default=_env("DISTSUM_WORLD_SIZE"))
-    parser.add_argument("--flush-secs", type=float, default=_env("DISTSUM_FLUSH_SECS", "2"))
-    parser.add_argument("--step-timeout", type=float, default=_env("DISTSUM_STEP_TIMEOUT", "30"))
+    parser.add_argument(
+        "--flush-secs", type=float, default=_env("DISTSUM_FLUSH_SECS", str(_DEFAULTS.flush_secs))
+    )
+    parser.add_argument(
+        "--step-timeout", type=float, default=_env("DISTSUM_STEP_TIMEOUT", str(_DEFAULTS.step_timeout))
+    )
     parser.add_argument(
         "--step-settle",
         type=float,
-        default=_env("DISTSUM_STEP_SETTLE", "2"),
+        default=_env("DISTSUM_STEP_SETTLE", str(_DEFAULTS.step_settle)),
         help="write a step every rank has reached once it has had no record for this long",
     )
-    parser.add_argument("--rank-timeout", type=float, default=_env("DISTSUM_RANK_TIMEOUT", "30"))
+    parser.add_argument(
+        "--rank-timeout", type=float, default=_env("DISTSUM_RANK_TIMEOUT", str(_DEFAULTS.rank_timeout))
+    )
     parser.add_argument(
         "--curve-secret",
         default=_env("DISTSUM_CURVE_SECRET"),

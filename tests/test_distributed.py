@@ -6,11 +6,13 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import distsum
+from distsum._aggregator import AggregatorOptions
 from distsum._histogram import Histogram
 from tests.jobs import failures
 from tests.tbreaders import (
@@ -108,6 +110,27 @@ def test_a_single_rank_finish_returns_once_everything_is_written(tmp_path):
     assert distsum.finish(timeout=30)
     assert distsum.finish(timeout=30)  # idempotent
     assert acc_scalars(accumulate(tmp_path), "x") == [(s, float(s)) for s in range(3)]
+
+
+def test_a_step_nobody_moves_past_is_written_once_it_settles(tmp_path):
+    # A slow training step: what it logged is written step_settle after it arrived (the options'
+    # default, which the embedded aggregator's command line takes), not when the next step
+    # begins or at finish().
+    settle = AggregatorOptions(logdir="").step_settle
+    distsum.init(0, 1, logdir=str(tmp_path))
+    try:
+        logged = time.monotonic()
+        distsum.scalar("x", 1.0, 0)
+        poll_until(
+            lambda: acc_scalars(accumulate(tmp_path), "x"),
+            timeout=settle + 30,
+            interval=0.05,
+            retry_on=(KeyError, FileNotFoundError),
+            what="the settled step",
+        )
+        assert time.monotonic() - logged >= settle
+    finally:
+        assert distsum.finish(timeout=30)
 
 
 def slow_rank_worker(rank: int, logdir: str, errors, others_done) -> None:
