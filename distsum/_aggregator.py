@@ -92,8 +92,8 @@ class AggregatorOptions:
     # A step every rank has reached is written once it has had no record for this long (so a
     # slow training step does not hold the step it logged until the next one begins). With the
     # ranks' batching (a record arrives up to about 200 ms after the call), such a step is
-    # readable within about 1.7 s of its last record: inside the 2 s of a SummaryWriter's
-    # flush_secs.
+    # readable within about 1.7 s of its last record: inside the flush interval below (2 s), as
+    # benchmark target 8 asks.
     step_settle: float = 1.5
     # Event files are fsynced at least this often; a batch is acknowledged as durable only once
     # its records are written and fsynced. A flush or finish from a rank fsyncs at once.

@@ -100,7 +100,7 @@ _MAX_SPARE_BYTES = 32 << 20
 # A batch costs the aggregator about as much whatever it holds (a tenth to a quarter of a
 # millisecond, more on a machine where it wakes up cold): by default a job's ranks together send
 # it at most this many a second, a batch each every 200 ms up to 200 ranks, then less often, but
-# at least once a second. (In target 6's job, 100 ms batches cost the aggregator 1.4 times the
+# at least once a second. (In target 6's job, 100 ms batches cost the aggregator 1.5 times the
 # CPU of 200 ms ones.)
 _JOB_BATCHES_PER_SECOND = 1000
 _BATCH_INTERVAL = 0.2

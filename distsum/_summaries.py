@@ -165,7 +165,7 @@ def _metadata(
 
 
 _HISTOGRAMS = _metadata("histograms", summary_pb2.DATA_CLASS_TENSOR)
-# Value.metadata (field 9) with the above, as histogram_value writes it after the tensor.
+# Value.metadata (field 9) with the above, as _histogram_value writes it after the tensor.
 _HISTOGRAMS_FIELD = b"\x4a" + varint(_HISTOGRAMS.ByteSize()) + _HISTOGRAMS.SerializeToString()
 _TEXT = _metadata("text", summary_pb2.DATA_CLASS_TENSOR)
 
