@@ -1,4 +1,4 @@
-"""Summary bytes: the aggregator's bulk scalar encoding against protobuf's, byte for byte."""
+"""Summary bytes: the aggregator's encodings (scalar blocks, histograms) against protobuf's, byte for byte."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distsum._histogram import Histogram
-from distsum._proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from distsum._proto import event_pb2, summary_pb2
 from distsum._summaries import (
     HistogramItem,
     ScalarBlock,
@@ -18,6 +18,7 @@ from distsum._summaries import (
     summary_bytes,
     to_values,
 )
+from tests.test_histogram import protobuf_tensor
 
 EDGES = [
     0.0,
@@ -80,19 +81,10 @@ def test_blocks_and_other_items_keep_their_order_in_one_event() -> None:
 
 def histogram_reference(tag: str, histogram: Histogram) -> summary_pb2.Summary.Value:
     """A histogram's Value as TensorBoard's own summary ops make it, through protobuf's classes."""
-    rows = histogram.rows()
     value = summary_pb2.Summary.Value(tag=tag)
     value.metadata.plugin_data.plugin_name = "histograms"
     value.metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
-    value.tensor.CopyFrom(
-        tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_DOUBLE,
-            tensor_shape=tensor_shape_pb2.TensorShapeProto(
-                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in rows.shape]
-            ),
-            tensor_content=rows.astype("<f8").tobytes(),
-        )
-    )
+    value.tensor.CopyFrom(protobuf_tensor(histogram))
     return value
 
 
