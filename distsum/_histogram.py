@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from distsum._proto import histogram_pb2, tensor_pb2, types_pb2, varint
+from distsum._proto import histogram_pb2, types_pb2, varint
 
 try:
     # The bucketing below in C, one pass over the values (distsum/_bucketing.c), built at install
@@ -328,7 +328,7 @@ class Histogram:
         Integers are bucketed as their float64 value, as TF does. NaN and infinities are only
         counted. Raises TypeError naming ``tag`` for bool, complex, string or object arrays.
         Without ``sums``, ``sum`` and ``sum_squares`` are NaN: TF1's ``HistogramProto`` has them,
-        but the TF2 tensor that event files hold (``to_tensor_proto``) does not, so a histogram
+        but the TF2 tensor that event files hold (``tensor_bytes``) does not, so a histogram
         bound only for an event file need not pay for them.
         """
         x = _as_float_vector(values, tag)
@@ -482,20 +482,21 @@ class Histogram:
             neginf += histogram.neginf
         return cls(counts, low, high, num, total, squares, nan, posinf, neginf)
 
-    def _collapsed(self) -> np.ndarray:
-        """Indices of the buckets TF's ``EncodeToProto(preserve_zero_buckets=false)`` writes.
+    def _collapsed(self, start: int = 0, stop: int = NUM_BUCKETS) -> np.ndarray:
+        """Indices in ``[start, stop)`` of the buckets TF's ``EncodeToProto(preserve_zero_buckets=
+        false)`` writes.
 
         Every non-empty bucket, and of each run of empty buckets its last one, which stands for
-        the whole run. The last bucket is always written, so an empty histogram gives (DBL_MAX, 0).
+        the whole run. The range's last bucket is always written, so over the whole grid an empty
+        histogram gives (DBL_MAX, 0).
         """
-        nonempty = self.counts > 0
-        written = nonempty.copy()
-        written[:-1] |= nonempty[1:]
+        written = self.counts[start:stop] > 0
+        written[:-1] |= written[1:]
         written[-1] = True
-        return np.flatnonzero(written)
+        return written.nonzero()[0] + start
 
     def rows(self) -> np.ndarray:
-        """The ``[k, 3]`` float64 rows ``[left, right, count]`` that ``to_tensor_proto`` writes.
+        """The ``[k, 3]`` float64 rows ``[left, right, count]`` that ``tensor_bytes`` writes.
 
         TensorBoard's own legacy-to-TF2 conversion of ``to_histogram_proto()``, in float64: the
         collapsed buckets from the first to the last non-empty one, with ``min`` and ``max`` as
@@ -504,13 +505,9 @@ class Histogram:
         if self.num == 0:
             return np.zeros((0, 3), dtype=np.float64)
         nonempty = self.counts.nonzero()[0]
-        first = int(nonempty[0])
-        # _collapsed() between the first and the last non-empty bucket: a bucket is written if it
-        # or the next one is non-empty. (Fewer numpy calls than cutting _collapsed() down: the
-        # aggregator does this for every histogram it writes.)
-        written = self.counts[first : int(nonempty[-1]) + 1] > 0
-        written[:-1] |= written[1:]
-        kept = written.nonzero()[0] + first
+        # Only the span of non-empty buckets: the aggregator does this for every histogram it
+        # writes, and the whole grid costs more.
+        kept = self._collapsed(int(nonempty[0]), int(nonempty[-1]) + 1)
         rows = np.empty((kept.size, 3), dtype=np.float64)
         rows[:, 1] = BUCKET_LIMITS[kept]
         rows[1:, 0] = rows[:-1, 1]
@@ -536,10 +533,6 @@ class Histogram:
         if not content:
             return head
         return b"".join((head, b"\x22", varint(len(content)), content))
-
-    def to_tensor_proto(self) -> tensor_pb2.TensorProto:
-        """``tensor_bytes()`` as a ``TensorProto``."""
-        return tensor_pb2.TensorProto.FromString(self.tensor_bytes())
 
     def to_histogram_proto(self) -> histogram_pb2.HistogramProto:
         """TF1's legacy ``HistogramProto``, runs of empty buckets collapsed as TF collapses them.

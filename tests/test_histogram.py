@@ -107,8 +107,8 @@ def tensorboard_rows(histogram: Histogram) -> np.ndarray:
 
 
 def tensor_rows(histogram: Histogram) -> np.ndarray:
-    """Our ``to_tensor_proto()`` decoded by TensorBoard's own ``make_ndarray``."""
-    proto = tb_tensor_pb2.TensorProto.FromString(histogram.to_tensor_proto().SerializeToString())
+    """Our ``tensor_bytes()`` decoded by TensorBoard's own ``make_ndarray``."""
+    proto = tb_tensor_pb2.TensorProto.FromString(histogram.tensor_bytes())
     return tensor_util.make_ndarray(proto)
 
 
@@ -497,12 +497,12 @@ def test_tensor_matches_tensorboards_conversion(values):
 
 def test_tensor_proto_encoding():
     histogram = Histogram.from_values(np.array([-1.0, 0.5, 0.5, 3.0]), tag="t")
-    proto = histogram.to_tensor_proto()
+    proto = tensor_pb2.TensorProto.FromString(histogram.tensor_bytes())
     assert proto.dtype == types_pb2.DT_DOUBLE
     assert [d.size for d in proto.tensor_shape.dim] == [len(histogram.rows()), 3]
     assert proto.tensor_content == histogram.rows().astype("<f8").tobytes()
     assert not proto.double_val
-    empty = Histogram.empty().to_tensor_proto()
+    empty = tensor_pb2.TensorProto.FromString(Histogram.empty().tensor_bytes())
     assert [d.size for d in empty.tensor_shape.dim] == [0, 3] and empty.tensor_content == b""
 
 
@@ -637,7 +637,7 @@ def test_a_histogram_without_sums_differs_only_in_its_sums(values):
     sums are NaN unless there was nothing to add, stay NaN through a merge and cross the wire."""
     full = Histogram.from_values(values, tag="t")
     bare = Histogram.from_values(values, tag="t", sums=False)
-    assert bare.to_tensor_proto() == full.to_tensor_proto()
+    assert bare.tensor_bytes() == full.tensor_bytes()
     np.testing.assert_array_equal(bare.counts, full.counts)
     assert (bare.min, bare.max, bare.num) == (full.min, full.max, full.num)
     assert (bare.nan, bare.posinf, bare.neginf) == (full.nan, full.posinf, full.neginf)
